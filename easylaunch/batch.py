@@ -1,0 +1,270 @@
+"""A launch batch: the runs of one run_experiment/run_sweep call, their directories and payloads.
+
+The api validates everything, then :meth:`Batch.create_dirs` makes one directory per run
+(exclusively: two launches never share one) and a mode calls :meth:`Batch.materialize` to
+write payloads, manifests and git patches. Local modes start their processes first and
+materialize while the interpreters boot.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from . import __version__, records
+from .config import Settings, is_secret
+from .gitinfo import capture_git_infos, launch_script_dir, patch_files, repo_root
+from .payload import build_payload, python_version
+from .spec import DoodadConfig, GitInfo, State
+
+
+@dataclass
+class RunSpec:
+    """One run: its directory, position in the batch and variant."""
+
+    index: int
+    run_dir: Path
+    variant: dict
+    variant_blob: bytes
+
+    @property
+    def payload_path(self) -> Path:
+        return self.run_dir / records.PAYLOAD
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+@dataclass
+class Batch:
+    """Everything one launch call writes, shared by the api and the chosen mode."""
+
+    fn: Callable
+    fn_blob: bytes
+    exp_name: str
+    base_exp_name: str
+    mode_name: str
+    options: Dict[str, Any]
+    settings: Settings
+    log_root: Path
+    variants: List[dict]
+    variant_blobs: List[bytes]
+    runs: List[RunSpec] = field(default_factory=list)
+    batch_id: str = ""
+    created: float = field(default_factory=time.time)
+    #: per-run backend facts (pid, job id, ...) the mode wants in each manifest
+    backend: Dict[int, dict] = field(default_factory=dict)
+    #: facts shared by every run of the batch (sweep file, array job id, ...)
+    backend_common: dict = field(default_factory=dict)
+    #: extra payload header entries (sys_path, snapshot) set by the mode before materialize
+    payload_sys_path: List[str] = field(default_factory=list)
+    payload_snapshot: Optional[dict] = None
+    git_infos: Optional[List[GitInfo]] = None
+    #: set by the mode once anything may have run: a failure after that keeps the directories
+    started: bool = False
+    _materialized: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def exp_dir(self) -> Path:
+        return self.log_root / self.exp_name
+
+    @property
+    def sweep_dir(self) -> Path:
+        """Batch-level files (dispatch lists, scripts) live in ``<exp>/.batches/<batch_id>/``."""
+        return self.exp_dir / ".batches" / self.batch_id
+
+    @property
+    def materialized(self) -> bool:
+        """True once payloads and manifests are written."""
+        return self._materialized
+
+    # -- directories ---------------------------------------------------------------------
+    def create_dirs(self) -> None:
+        """Create one fresh directory per run, with variant.json and a PENDING status."""
+        try:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermissionError(
+                f"cannot create the log dir {self.exp_dir}: {exc.strerror}; pass base_log_dir=... "
+                "or set LOCAL_LOG_DIR / $EASYLAUNCH_LOG_DIR to a writable directory"
+            ) from exc
+        if not os.access(self.exp_dir, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"the log dir {self.exp_dir} is not writable; pass base_log_dir=... or set "
+                "LOCAL_LOG_DIR / $EASYLAUNCH_LOG_DIR to a writable directory"
+            )
+        n = len(self.variants)
+        width = max(3, len(str(n - 1)))
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.created))
+        for _attempt in range(20):
+            self.batch_id = secrets.token_hex(3)
+            made: List[Path] = []
+            try:
+                for i in range(n):
+                    run_dir = self.exp_dir / f"{stamp}_{self.batch_id}_{i:0{width}d}"
+                    run_dir.mkdir()  # exclusive: fails if another launch took the name
+                    made.append(run_dir)
+            except FileExistsError:
+                for d in made:
+                    shutil.rmtree(d, ignore_errors=True)
+                continue
+            break
+        else:  # pragma: no cover - 20 collisions of 24 random bits
+            raise RuntimeError(f"could not create unique run directories in {self.exp_dir}")
+        status = records.initial_status(State.PENDING, host=records.hostname())
+        status_bytes = json.dumps(status, indent=1, sort_keys=True).encode() + b"\n"
+        for i, (run_dir, variant) in enumerate(zip(made, self.variants)):
+            (run_dir / records.VARIANT).write_text(json.dumps(variant, indent=1, default=repr) + "\n")
+            (run_dir / records.STATUS).write_bytes(status_bytes)
+            self.runs.append(RunSpec(i, run_dir, variant, self.variant_blobs[i]))
+
+    def remove_dirs(self) -> None:
+        """Undo :meth:`create_dirs` after a failed submission: no half-made state is left."""
+        for run in self.runs:
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        shutil.rmtree(self.sweep_dir, ignore_errors=True)
+        self.runs = []
+
+    # -- payloads and manifests ----------------------------------------------------------
+    def code_dirs(self) -> List[str]:
+        """Code dirs: option, else CODE_DIRS_TO_MOUNT, else the launch script's repository."""
+        dirs = self.options.get("code_dirs_to_mount") or self.settings.get("CODE_DIRS_TO_MOUNT")
+        if dirs:
+            return [str(d) for d in dirs]
+        script_dir = launch_script_dir()
+        if script_dir is None:
+            return []
+        return [repo_root(script_dir) or script_dir]
+
+    def doodad_config(self) -> DoodadConfig:
+        """The DoodadConfig template; the runner fills in base_log_dir where it runs."""
+        extra = {"base_exp_name": self.base_exp_name, "mode": self.mode_name, "batch_id": self.batch_id}
+        extra.update(self.options.get("extra_launch_info") or {})
+        return DoodadConfig(
+            exp_name=self.exp_name,
+            base_log_dir=str(self.exp_dir),
+            use_gpu=bool(self.options.get("use_gpu")),
+            gpu_id=self.options.get("gpu_id", 0),
+            git_infos=list(self.git_infos or []),
+            script_name=" ".join(sys.argv),
+            extra_launch_info=extra,
+        )
+
+    def materialize(self) -> None:
+        """Capture git state, then write every run's payload (0600), patches and manifest."""
+        with self._lock:
+            if self._materialized:
+                return
+            if self.git_infos is None:
+                self.git_infos = capture_git_infos(self.code_dirs())
+            config = self.doodad_config()
+            common = self._manifest_common()
+            patches = patch_files(self.git_infos)
+            first_git_dir: Optional[Path] = None
+            for run in self.runs:
+                data = build_payload(
+                    self.fn_blob,
+                    run.variant_blob,
+                    config._replace(base_log_dir=str(run.run_dir)),
+                    sys_path=self.payload_sys_path,
+                    snapshot=self.payload_snapshot,
+                )
+                records.atomic_write_bytes(run.payload_path, data, records.PRIVATE_MODE)
+                if patches:
+                    git_dir = run.run_dir / records.GIT_DIR
+                    git_dir.mkdir(exist_ok=True)
+                    for name, text in patches.items():
+                        target = git_dir / name
+                        if first_git_dir is None:
+                            target.write_text(text)
+                        else:
+                            try:
+                                os.link(first_git_dir / name, target)
+                            except OSError:
+                                shutil.copyfile(first_git_dir / name, target)
+                    first_git_dir = first_git_dir or git_dir
+                manifest = dict(common)
+                manifest.update(
+                    index=run.index,
+                    run_name=run.name,
+                    run_dir=str(run.run_dir),
+                    variant=run.variant,
+                    backend={**self.backend_common, **self.backend.get(run.index, {})},
+                )
+                records.atomic_write_json(run.run_dir / records.MANIFEST, manifest)
+            self._materialized = True
+
+    def _manifest_common(self) -> dict:
+        options = {
+            k: (v if not isinstance(v, os.PathLike) else os.fspath(v))
+            for k, v in self.options.items()
+            if not is_secret(k)
+        }
+        return {
+            "easylaunch_version": __version__,
+            "exp_name": self.exp_name,
+            "base_exp_name": self.base_exp_name,
+            "mode": self.mode_name,
+            "options": options,
+            "config_file": str(self.settings.source) if self.settings.source else None,
+            "batch_id": self.batch_id,
+            "batch_size": len(self.runs),
+            "function": f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', repr(self.fn))}",
+            "git": [
+                {
+                    "directory": g.directory,
+                    "commit_hash": g.commit_hash,
+                    "branch_name": g.branch_name,
+                    "dirty": bool(g.code_diff or g.code_diff_staged),
+                }
+                for g in (self.git_infos or [])
+            ],
+            "python": sys.version.split()[0],
+            "python_minor": python_version(),
+            "executable": sys.executable,
+            "packages": package_versions(),
+            "host": records.hostname(),
+            "user": _user(),
+            "cwd": os.getcwd(),
+            "command": sys.argv,
+            "launched": self.created,
+            "launched_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.created)),
+        }
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid())
+
+
+def package_versions() -> Dict[str, str]:
+    """Versions of the distributions behind the top-level modules imported right now."""
+    from importlib import metadata
+
+    versions: Dict[str, str] = {}
+    wanted = {name.partition(".")[0] for name in list(sys.modules)}
+    wanted |= {"cloudpickle", "easylaunch"}
+    for top in sorted(wanted):
+        if top.startswith("_") or top in sys.stdlib_module_names:
+            continue
+        try:
+            versions[top] = metadata.version(top)
+        except Exception:
+            mod = sys.modules.get(top)
+            version = getattr(mod, "__version__", None)
+            if isinstance(version, str):
+                versions[top] = version
+    return versions

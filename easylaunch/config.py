@@ -1,0 +1,227 @@
+"""Layered settings: built-in defaults < the user's config file < call options.
+
+The config file is a Python file of UPPERCASE assignments in the shape of
+``config_example.py`` (doodad's keys). It is found, first match wins, at:
+
+1. ``$EASYLAUNCH_CONFIG``
+2. ``./easylaunch_config.py``
+3. ``~/.config/easylaunch/config.py``
+
+Local modes need no file at all::
+
+    settings = load_settings()          # defaults when no file exists
+    settings["LOCAL_LOG_DIR"]           # None unless the file sets it
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import runpy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Tuple
+
+ENV_CONFIG = "EASYLAUNCH_CONFIG"
+ENV_LOG_DIR = "EASYLAUNCH_LOG_DIR"
+DEFAULT_LOG_DIR = "./easylaunch-logs"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One documented config key: accepted types, default, and what it means."""
+
+    types: Tuple[type, ...]
+    default: Any
+    doc: str
+
+
+_S, _L, _D, _N = (str,), (list, tuple), (dict,), (int, float)
+
+KEYS: dict[str, Key] = {
+    # code and data
+    "CODE_DIRS_TO_MOUNT": Key(
+        _L, None, "code directories recorded (git) and shipped; default: the launch script's repository"
+    ),
+    "NON_CODE_DIRS_TO_MOUNT": Key(_L, [], "data dirs: dicts of local_dir and mount_point"),
+    "LOCAL_LOG_DIR": Key(
+        _S, None, "where run directories go (else $EASYLAUNCH_LOG_DIR, else ./easylaunch-logs)"
+    ),
+    "OUTPUT_DIR_FOR_DOODAD_TARGET": Key(_S, "/tmp/doodad-output/", "output dir inside containers/VMs"),
+    "MAX_PARALLEL": Key((int,), None, "local/local_pool: runs at once (default: CPU count)"),
+    # AWS
+    "AWS_S3_PATH": Key(_S, None, "s3://bucket/prefix for EC2 outputs"),
+    "DOODAD_DOCKER_IMAGE": Key(_S, None, "Docker image for CPU runs"),
+    "GPU_DOODAD_DOCKER_IMAGE": Key(_S, None, "Docker image for GPU runs"),
+    "INSTANCE_TYPE": Key(_S, "c4.2xlarge", "EC2 instance type for CPU runs"),
+    "GPU_INSTANCE_TYPE": Key(_S, "g3.4xlarge", "EC2 instance type for GPU runs"),
+    "SPOT_PRICE": Key(_N, 0.3, "EC2 spot bid for CPU runs (USD/hour)"),
+    "GPU_SPOT_PRICE": Key(_N, 0.5, "EC2 spot bid for GPU runs (USD/hour)"),
+    "REGION_TO_GPU_AWS_IMAGE_ID": Key(_D, {}, "region -> AMI id"),
+    "AWS_FILE_TYPES_TO_SAVE": Key(
+        _L,
+        (
+            "*.txt",
+            "*.csv",
+            "*.json",
+            "*.gz",
+            "*.tar",
+            "*.log",
+            "*.pkl",
+            "*.mp4",
+            "*.png",
+            "*.jpg",
+            "*.jpeg",
+            "*.patch",
+            "*.html",
+        ),
+        "glob patterns synced to S3",
+    ),
+    # SSH
+    "SSH_HOSTS": Key(_D, {}, "name -> dict(username=..., hostname=..., port=22)"),
+    "SSH_DEFAULT_HOST": Key(_S, None, "key of SSH_HOSTS used when ssh_host is not given"),
+    "SSH_PRIVATE_KEY": Key(_S, "~/.ssh/id_rsa", "private key file for SSH"),
+    "SSH_LOG_DIR": Key(_S, "~/easylaunch-logs", "log dir on SSH hosts"),
+    "SSH_TMP_DIR": Key(_S, "~/.cache/easylaunch", "scratch dir on SSH hosts"),
+    # Singularity / Slurm
+    "SINGULARITY_IMAGE": Key(_S, None, "image for local_singularity / slurm_singularity"),
+    "SINGULARITY_PRE_CMDS": Key(_L, [], "shell lines run before the runner in singularity modes"),
+    "SLURM_CONFIGS": Key(_D, {}, "name -> SlurmConfig fields (account_name, partition, time_in_mins, ...)"),
+    "BRC_EXTRA_SINGULARITY_ARGS": Key(_S, "", "extra `singularity exec` arguments"),
+    "TASKFILE_PATH_ON_BRC": Key(_S, None, "htp: where the taskfile is copied to on the cluster"),
+    "SLURM_DIRECTORY_FOR_JOB_SCRIPT": Key(_S, None, "sss/htp: where scripts are copied to on the cluster"),
+    "SSS_CODE_DIRS_TO_MOUNT": Key(_L, [], "sss/htp: code dirs as seen on the cluster"),
+    "SSS_NON_CODE_DIRS_TO_MOUNT": Key(_L, [], "sss/htp: data dirs as seen on the cluster"),
+    "SSS_LOG_DIR": Key(_S, None, "sss/htp: log dir on the cluster"),
+    "SSS_GPU_IMAGE": Key(_S, None, "sss/htp: singularity image for GPU runs"),
+    "SSS_CPU_IMAGE": Key(_S, None, "sss/htp: singularity image for CPU runs"),
+    "SSS_RUN_DOODAD_EXPERIMENT_SCRIPT_PATH": Key(
+        _S, None, "doodad only; ignored (easylaunch ships its runner)"
+    ),
+    "SSS_PRE_CMDS": Key(_L, [], "sss/htp: shell lines run before the runner"),
+    # GCP
+    "GCP_IMAGE_NAME": Key(_S, None, "GCE image for CPU runs"),
+    "GCP_GPU_IMAGE_NAME": Key(_S, None, "GCE image for GPU runs"),
+    "GCP_BUCKET_NAME": Key(_S, None, "GCS bucket for outputs"),
+    "GCP_DEFAULT_KWARGS": Key(
+        _D, {}, "zone, instance_type, image_project, terminate, preemptible, gpu_kwargs"
+    ),
+    "GCP_FILE_TYPES_TO_SAVE": Key(
+        _L,
+        (
+            "*.txt",
+            "*.csv",
+            "*.json",
+            "*.gz",
+            "*.tar",
+            "*.log",
+            "*.pkl",
+            "*.mp4",
+            "*.png",
+            "*.jpg",
+            "*.jpeg",
+            "*.patch",
+            "*.html",
+        ),
+        "glob patterns synced to GCS",
+    ),
+}
+
+SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "CREDENTIAL", "ACCESS_KEY", "PRIVATE_KEY", "API_KEY")
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key, the value and the fix."""
+
+
+def is_secret(name: str) -> bool:
+    """True for names that look like they hold credentials (never written to manifests)."""
+    upper = name.upper()
+    return any(word in upper for word in SECRET_WORDS)
+
+
+def find_config_file() -> Optional[Path]:
+    """The config file in effect, or None. ``$EASYLAUNCH_CONFIG`` must exist if set."""
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"${ENV_CONFIG} points to {path}, which does not exist; "
+                "unset it or run `easylaunch init` to write one"
+            )
+        return path
+    for candidate in (Path("easylaunch_config.py"), Path.home() / ".config/easylaunch/config.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check(name: str, value: Any, where: str) -> None:
+    key = KEYS[name]
+    if value is None:
+        return
+    if isinstance(value, bool) and bool not in key.types:
+        ok = False
+    else:
+        ok = isinstance(value, key.types)
+    if not ok:
+        accepted = " or ".join(t.__name__ for t in key.types)
+        raise ConfigError(
+            f"{where}: {name} = {value!r} has type {type(value).__name__}; expected {accepted} ({key.doc})"
+        )
+
+
+class Settings(Mapping[str, Any]):
+    """Read-only view of the merged settings; ``source`` is the config file used, if any."""
+
+    def __init__(self, values: Mapping[str, Any], source: Optional[Path] = None):
+        self._values = dict(values)
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def public(self) -> dict:
+        """The settings with anything secret-looking removed (for manifests)."""
+        return {k: v for k, v in self._values.items() if not is_secret(k)}
+
+
+def load_settings(
+    path: Optional[Path | str] = None, overrides: Optional[Mapping[str, Any]] = None
+) -> Settings:
+    """Merge defaults, the config file (``path`` or the one found) and ``overrides``."""
+    values = {name: key.default for name, key in KEYS.items()}
+    source = Path(path) if path else find_config_file()
+    if source is not None:
+        try:
+            namespace = runpy.run_path(str(source))
+        except Exception as exc:
+            raise ConfigError(f"config file {source} failed to load: {type(exc).__name__}: {exc}") from exc
+        for name, value in namespace.items():
+            if not name.isupper() or name.startswith("_"):
+                continue
+            if name not in KEYS:
+                close = difflib.get_close_matches(name, KEYS, n=1)
+                hint = f"did you mean {close[0]}?" if close else "see config_example.py for the keys"
+                raise ConfigError(f"config file {source}: unknown key {name}; {hint}")
+            _check(name, value, f"config file {source}")
+            values[name] = value
+    for name, value in (overrides or {}).items():
+        if name not in KEYS:
+            raise ConfigError(f"unknown config key {name}")
+        _check(name, value, "override")
+        values[name] = value
+    return Settings(values, source)
+
+
+def log_root(base_log_dir: Optional[str], settings: Settings) -> Path:
+    """The log dir: call option, else LOCAL_LOG_DIR, else $EASYLAUNCH_LOG_DIR, else ./easylaunch-logs."""
+    chosen = base_log_dir or settings.get("LOCAL_LOG_DIR") or os.environ.get(ENV_LOG_DIR) or DEFAULT_LOG_DIR
+    return Path(os.path.expanduser(str(chosen))).resolve()

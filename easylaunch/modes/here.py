@@ -1,0 +1,33 @@
+"""``here_no_doodad``: call the function in this very process (breakpoints and pdb work).
+
+The run directory is still written (manifest, payload, status, logs, result). The function's
+exception is recorded and then re-raised to the caller, as a plain call would.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .. import runner
+from ..batch import Batch
+from ..job import Job
+from .base import Mode
+
+
+class HereMode(Mode):
+    name = "here_no_doodad"
+    waits_by_default = True
+
+    def launch(self, batch: Batch) -> None:
+        batch.materialize()
+        config = batch.doodad_config()
+        for run in batch.runs:
+            runner.execute(
+                run.run_dir,
+                lambda run=run: (batch.fn, config, run.variant),
+                capture="python",
+                reraise=True,
+            )
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """In-process runs are over by the time anyone holds their handle."""

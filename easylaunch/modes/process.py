@@ -1,0 +1,116 @@
+"""Shared by the modes whose runs are processes on this machine (``local``, ``local_pool``):
+liveness-based polling and signal-based cancel.
+
+A run's status file names the runner's pid; before the runner starts, the manifest names
+who will start it (the runner itself, or a supervisor recorded in ``supervisor.json``).
+A run whose process is gone without a recorded outcome is marked FAILED, so nothing
+stays RUNNING forever after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from .. import records
+from ..job import Job
+from ..options import Option
+from ..procs import alive, terminate
+from ..spec import State
+from .base import Mode
+
+SUPERVISOR_FILE = "supervisor.json"
+
+
+def runner_env() -> dict:
+    """Environment for runner processes: easylaunch importable even from a source checkout."""
+    env = dict(os.environ)
+    pkg_parent = str(Path(__file__).resolve().parents[2])
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if pkg_parent not in parts:
+        env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *parts])
+    return env
+
+
+def launcher_sys_path() -> list[str]:
+    """The launch script's own directory (what ``python script.py`` puts first on sys.path)."""
+    first = sys.path[0] if sys.path else ""
+    return [os.path.abspath(first or os.getcwd())]
+
+
+class ProcessMode(Mode):
+    """Base of local process modes: poll by pid liveness, cancel by SIGTERM to the group."""
+
+    waits_by_default = True
+    poll_interval = 0.5
+    options = (
+        Option("skip_wait", (bool,), False, "return at once; runs go on after the script exits"),
+        Option("max_parallel", (int,), None, "runs at once (default: MAX_PARALLEL or CPU count)"),
+    )
+
+    def max_parallel(self, options: dict) -> int:
+        value = options.get("max_parallel") or self.settings.get("MAX_PARALLEL") or os.cpu_count() or 1
+        if value < 1:
+            raise ValueError(f"option max_parallel={value!r} must be a positive integer")
+        return int(value)
+
+    def poll(self, jobs: Sequence[Job]) -> Dict[Path, Optional[State]]:
+        here = records.hostname()
+        supervisors: Dict[str, Optional[dict]] = {}
+        out: Dict[Path, Optional[State]] = {}
+        for job in jobs:
+            status = job._status
+            state = status.get("state")
+            if status.get("host") not in (None, here):
+                continue  # launched elsewhere: only its status file can tell
+            if state == State.PENDING and (job.run_dir / records.CANCEL_MARK).exists():
+                out[job.run_dir] = State.CANCELLED
+                continue
+            if state == State.RUNNING:
+                if alive(status.get("pid"), status.get("pid_token")):
+                    continue
+                reason = f"runner process {status.get('pid')} exited without recording an outcome"
+            elif state == State.PENDING:
+                backend = job.manifest.get("backend") or {}
+                if "pid" in backend:
+                    owner = backend
+                elif "supervisor_file" in backend:
+                    path = backend["supervisor_file"]
+                    if path not in supervisors:
+                        supervisors[path] = records.read_json(path)
+                    owner = supervisors[path]
+                    if owner is None:
+                        continue  # the launcher is still starting it
+                else:
+                    continue
+                if alive(owner.get("pid"), owner.get("token")):
+                    continue
+                reason = f"process {owner.get('pid')} that was to start this run is gone"
+            else:
+                continue
+            time.sleep(0.05)  # let a runner that just exited finish its last write
+            fresh = records.read_status(job.run_dir)
+            if fresh.get("state") != state:
+                out[job.run_dir] = State(fresh["state"])
+                job._status = fresh
+                continue
+            job._status = records.write_status(job.run_dir, State.FAILED, ended=time.time(), message=reason)
+            out[job.run_dir] = State.FAILED
+        return out
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            status = records.read_status(job.run_dir)
+            if status.get("host") not in (None, records.hostname()):
+                continue
+            if status.get("state") == State.RUNNING:
+                terminate(status.get("pid"), status.get("pid_token"))
+            elif status.get("state") == State.PENDING:
+                backend = job.manifest.get("backend") or {}
+                if "pid" in backend and terminate(backend["pid"], backend.get("token")):
+                    records.write_status(
+                        job.run_dir, State.CANCELLED, ended=time.time(), message="cancelled before it started"
+                    )

@@ -1,0 +1,140 @@
+"""The run directory: its file names, atomic writes, and reading state back.
+
+Layout of ``<log dir>/<exp_name>/<run name>/`` (documented in README.md)::
+
+    manifest.json    what was launched and how (mode, options, variant, git, versions, backend ids)
+    variant.json     the variant alone
+    payload.pkl      function + DoodadConfig + variant (mode 0600)
+    status.json      state, timestamps, host, pid, exit code, attempt (written by launcher and runner)
+    stdout.log       the function's standard output
+    stderr.log       the function's standard error
+    result.pkl       the return value (cloudpickle), when COMPLETED
+    error.json       exception type, message and traceback text, when FAILED
+    exception.pkl    the exception object itself, when it could be pickled
+    git/             one ``.diff`` and one ``.staged.diff`` per code directory
+    cancel.requested present once somebody asked for the run to be cancelled
+
+Every JSON file is written to a temporary name and renamed into place, so a reader never
+sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+MANIFEST = "manifest.json"
+VARIANT = "variant.json"
+PAYLOAD = "payload.pkl"
+STATUS = "status.json"
+STDOUT = "stdout.log"
+STDERR = "stderr.log"
+RESULT = "result.pkl"
+ERROR = "error.json"
+EXCEPTION = "exception.pkl"
+GIT_DIR = "git"
+CANCEL_MARK = "cancel.requested"
+
+PRIVATE_MODE = 0o600
+
+
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path | str, obj: Any, mode: int = 0o644) -> None:
+    """Atomically write ``obj`` as indented JSON (non-JSON values are written with ``repr``)."""
+    data = json.dumps(obj, indent=1, sort_keys=True, default=repr).encode()
+    atomic_write_bytes(path, data + b"\n", mode)
+
+
+def read_json(path: Path | str, default: Any = None) -> Any:
+    """Read a JSON file, or return ``default`` when it does not exist (yet)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return default
+
+
+def read_status(run_dir: Path | str) -> dict:
+    """The run's status record, ``{}`` when none was written yet."""
+    return read_json(Path(run_dir) / STATUS, {}) or {}
+
+
+def write_status(run_dir: Path | str, state: str, **fields: Any) -> dict:
+    """Record a state transition: merges ``fields`` into the existing status, stamps the time."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    status.update(fields)
+    status["state"] = str(state)
+    status["updated"] = time.time()
+    history = status.setdefault("history", [])
+    if not history or history[-1][0] != str(state):
+        history.append([str(state), status["updated"]])
+    atomic_write_json(run_dir / STATUS, status)
+    return status
+
+
+def initial_status(state: str, **fields: Any) -> dict:
+    """A first status record, written by the launcher before anything runs."""
+    now = time.time()
+    return {
+        "state": str(state),
+        "attempt": 0,
+        "created": now,
+        "updated": now,
+        "history": [[str(state), now]],
+        **fields,
+    }
+
+
+def read_manifest(run_dir: Path | str) -> dict:
+    """The run's manifest; raises FileNotFoundError naming the directory when it has none."""
+    manifest = read_json(Path(run_dir) / MANIFEST)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{run_dir} is not an easylaunch run directory (no {MANIFEST}); "
+            "pass a directory that `easylaunch ls` lists"
+        )
+    return manifest
+
+
+def update_manifest(run_dir: Path | str, updates: Mapping[str, Any]) -> dict:
+    """Merge ``updates`` into the manifest (used by modes to record backend ids)."""
+    manifest = read_manifest(run_dir)
+    for key, value in updates.items():
+        if isinstance(value, Mapping) and isinstance(manifest.get(key), dict):
+            manifest[key].update(value)
+        else:
+            manifest[key] = value
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def is_run_dir(path: Path | str) -> bool:
+    """True when ``path`` holds a manifest."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def hostname() -> str:
+    """This machine's name as recorded in status files."""
+    return socket.gethostname()

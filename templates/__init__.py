@@ -1,0 +1,1 @@
+"""Jinja2 templates of generated scripts (installed as package data)."""
