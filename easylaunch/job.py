@@ -280,13 +280,16 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
     deadline = None if timeout is None else time.monotonic() + timeout
     interval = min(0.05, jobs[0].mode.poll_interval)
     max_interval = max(getattr(j.mode, "poll_interval", 1.0) for j in jobs[:1])
-    bar = _Progress(len(jobs), progress and len(jobs) > 1)
+    bar = None
     try:
         pending = list(jobs)
         while True:
             refresh_states(pending)
             pending = [j for j in pending if j._state not in TERMINAL_STATES]
-            bar.update(Counter(j._state for j in jobs))
+            if bar is None and pending:
+                bar = _Progress(len(jobs), progress and len(jobs) > 1)
+            if bar is not None:
+                bar.update(Counter(j._state for j in jobs))
             if not pending:
                 return
             if deadline is not None and time.monotonic() >= deadline:
@@ -294,7 +297,8 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
             time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
             interval = min(max_interval, interval * 1.5)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 class Sweep(list):
@@ -342,8 +346,8 @@ class Sweep(list):
         return pd.DataFrame(rows)
 
     def counts(self) -> Counter:
-        """How many runs are in each state."""
-        return Counter(self.states())
+        """How many runs are in each state, by state name."""
+        return Counter(state.value for state in self.states())
 
 
 def find_runs(exp_dir: Path) -> List[Path]:

@@ -1,0 +1,304 @@
+"""The ``easylaunch`` command: inspect, follow, cancel and relaunch runs from their directories.
+
+easylaunch ls                 # experiments under the log dir
+easylaunch ls EXP             # runs of one experiment: state, mode, variant, age
+easylaunch status RUN         # RUN is a run directory or a run name
+easylaunch logs RUN [-f] [--stderr]
+easylaunch result RUN
+easylaunch cancel RUN|EXP
+easylaunch relaunch RUN [--mode MODE]
+easylaunch init [PATH] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import records
+from .config import KEYS, load_settings, log_root
+from .job import Job, Sweep, find_runs, refresh_states
+from .spec import TERMINAL_STATES, State
+from .sweep import summarize
+
+STATE_STYLE = {
+    State.COMPLETED: "green",
+    State.FAILED: "red",
+    State.CANCELLED: "yellow",
+    State.TIMEOUT: "magenta",
+    State.PREEMPTED: "magenta",
+    State.RUNNING: "cyan",
+    State.PENDING: "white",
+    State.GENERATED: "blue",
+}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _age(ts: Optional[float]) -> str:
+    if not ts:
+        return "-"
+    s = max(0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit} ago"
+    return f"{int(s)}s ago"
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return log_root(getattr(args, "log_dir", None), load_settings())
+
+
+def resolve_run(target: str, root: Path) -> Path:
+    """A run directory from a path or a run name (searched in every experiment of ``root``)."""
+    path = Path(target)
+    if records.is_run_dir(path):
+        return path.resolve()
+    matches = [p for p in root.glob(f"*/{target}") if records.is_run_dir(p)] if "/" not in target else []
+    if len(matches) == 1:
+        return matches[0].resolve()
+    if len(matches) > 1:
+        raise SystemExit(f"easylaunch: run name {target!r} is ambiguous: " + ", ".join(map(str, matches)))
+    raise SystemExit(
+        f"easylaunch: no run {target!r} (not a run directory, and no run of that name under {root}); "
+        "see `easylaunch ls EXP`"
+    )
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    root = _root(args)
+    console = _console()
+    if not args.exp:
+        table = Table(title=f"experiments in {root}")
+        for col in ("experiment", "runs", "states", "last launch"):
+            table.add_column(col)
+        exps = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        for exp in exps:
+            runs = find_runs(exp)
+            if not runs:
+                continue
+            jobs = [Job(r) for r in runs]
+            refresh_states(jobs)
+            counts = Counter(j._state.value for j in jobs)
+            table.add_row(
+                exp.name,
+                str(len(runs)),
+                " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items())),
+                _age(jobs[-1].manifest.get("launched")),
+            )
+        console.print(table)
+        return 0
+    exp_dir = root / args.exp
+    runs = find_runs(exp_dir)
+    if not runs:
+        print(f"easylaunch: no runs of experiment {args.exp!r} under {root}", file=sys.stderr)
+        return 1
+    jobs = Sweep(Job(r) for r in runs)
+    refresh_states(jobs)
+    table = Table(title=f"{args.exp} ({len(jobs)} runs)")
+    show_ids = any(job.job_id != job.run_dir.name for job in jobs)
+    for col in ("run", "state", "mode", *(["job id"] if show_ids else []), "variant", "launched"):
+        table.add_column(col, overflow="fold")
+    for job in jobs:
+        st = job._state
+        ids = [job.job_id] if show_ids else []
+        table.add_row(
+            job.run_dir.name,
+            f"[{STATE_STYLE.get(st, 'white')}]{st.value}[/]",
+            job.manifest.get("mode", "?"),
+            *ids,
+            summarize(job.variant),
+            _age(job.manifest.get("launched")),
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job = Job.load(resolve_run(args.run, _root(args)))
+    state = job.state
+    status = job.status
+    manifest = job.manifest
+    info = {
+        "run_dir": str(job.run_dir),
+        "state": state.value,
+        "mode": manifest.get("mode"),
+        "job_id": job.job_id,
+        "variant": job.variant,
+        "attempt": status.get("attempt"),
+        "host": status.get("host"),
+        "pid": status.get("pid"),
+        "exit_code": status.get("exit_code"),
+        "message": status.get("message"),
+        "started": status.get("started"),
+        "ended": status.get("ended"),
+        "git": manifest.get("git"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    console = _console()
+    for key, value in info.items():
+        if value not in (None, [], {}):
+            if key in ("started", "ended"):
+                value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+            console.print(f"[bold]{key:>10}[/]  {value}", highlight=False)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    job = Job.load(resolve_run(args.run, _root(args)))
+    path = job.run_dir / (records.STDERR if args.stderr else records.STDOUT)
+    pos = 0
+    while True:
+        try:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            pos += len(chunk)
+        if not args.follow or (job.state in TERMINAL_STATES and not chunk):
+            return 0
+        time.sleep(0.5)
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    job = Job.load(resolve_run(args.run, _root(args)))
+    state = job.state
+    if state is State.COMPLETED:
+        print(repr(job.result()))
+        return 0
+    if state not in TERMINAL_STATES:
+        print(f"easylaunch: run is {state.value}; wait with `easylaunch logs -f {args.run}`", file=sys.stderr)
+        return 1
+    error = records.read_json(job.run_dir / records.ERROR)
+    if error:
+        print(error["traceback"], end="", file=sys.stderr)
+    else:
+        print(f"easylaunch: run ended as {state.value}: {job.status.get('message')}", file=sys.stderr)
+    return 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    root = _root(args)
+    exp_dir = root / args.target
+    if "/" not in args.target and exp_dir.is_dir() and not records.is_run_dir(exp_dir):
+        jobs = Sweep(Job(r) for r in find_runs(exp_dir))
+    else:
+        jobs = Sweep([Job.load(resolve_run(args.target, root))])
+    live = [j for j in jobs if not j.done()]
+    Sweep(live).cancel()
+    print(f"cancel requested for {len(live)} unfinished run(s) of {len(jobs)}")
+    return 0
+
+
+def cmd_relaunch(args: argparse.Namespace) -> int:
+    from .api import relaunch
+
+    run_dir = resolve_run(args.run, _root(args))
+    job = (
+        relaunch(str(run_dir), mode=args.mode, skip_wait=True)
+        if _takes_skip_wait(args.mode, run_dir)
+        else relaunch(str(run_dir), mode=args.mode)
+    )
+    print(job.run_dir)
+    return 0
+
+
+def _takes_skip_wait(mode: Optional[str], run_dir: Path) -> bool:
+    from .modes import get_mode_class
+
+    name = mode or records.read_manifest(run_dir)["mode"]
+    return any(o.name == "skip_wait" for o in get_mode_class(name).options)
+
+
+def render_config_example() -> str:
+    """The documented config file: every key with its default and meaning."""
+    lines = [
+        '"""easylaunch configuration (doodad easy_launch keys).',
+        "",
+        "Found at $EASYLAUNCH_CONFIG, ./easylaunch_config.py or ~/.config/easylaunch/config.py.",
+        "Only UPPERCASE names are read; an unknown name is an error. Call options override these.",
+        "Local modes need none of it. Written by `easylaunch init`.",
+        '"""',
+        "",
+    ]
+    for name, key in KEYS.items():
+        lines.append(f"# {key.doc}")
+        lines.append(f"{name} = {key.default!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.path).expanduser() if args.path else Path.home() / ".config/easylaunch/config.py"
+    if path.exists() and not args.force:
+        print(f"easylaunch: {path} exists; pass --force to overwrite", file=sys.stderr)
+        return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records.atomic_write_bytes(path, render_config_example().encode(), 0o600)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="easylaunch", description="Inspect and control easylaunch runs.")
+    parser.add_argument(
+        "--log-dir", help="log dir (default: LOCAL_LOG_DIR, $EASYLAUNCH_LOG_DIR, ./easylaunch-logs)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ls", help="list experiments, or the runs of one")
+    p.add_argument("exp", nargs="?")
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("status", help="state and details of one run")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("logs", help="print a run's stdout (or --stderr)")
+    p.add_argument("run")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    p.add_argument("--stderr", action="store_true")
+    p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("result", help="print a run's result, or its traceback")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_result)
+    p = sub.add_parser("cancel", help="cancel a run, or every unfinished run of an experiment")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("relaunch", help="launch a run again from its directory")
+    p.add_argument("run")
+    p.add_argument("--mode")
+    p.set_defaults(func=cmd_relaunch)
+    p = sub.add_parser("init", help="write a documented config file")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"easylaunch: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
