@@ -89,5 +89,23 @@ def check_variants(variants: Iterable[Any]) -> List[Dict[str, Any]]:
             )
         if "doodad_config" in v:
             raise ValueError("the key 'doodad_config' is reserved and may not be used in a variant")
-        out.append(copy.deepcopy(dict(v)))
+        try:
+            out.append(copy.deepcopy(dict(v)))
+        except Exception as exc:  # locks, open files...: name the variant and its key
+            from .payload import UnpicklableError
+
+            bad = [k for k, x in v.items() if not _copyable(x)]
+            where = f" (key {bad[0]!r}: {type(v[bad[0]]).__name__} object)" if bad else ""
+            raise UnpicklableError(
+                f"cannot copy/pickle variant #{i}{where}: {type(exc).__name__}: {exc}. A variant "
+                "must be picklable (open files, locks, sockets and generators are not)"
+            ) from exc
     return out
+
+
+def _copyable(value: Any) -> bool:
+    try:
+        copy.deepcopy(value)
+        return True
+    except Exception:
+        return False

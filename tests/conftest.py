@@ -65,3 +65,34 @@ def run_script(tmp_path):
                               timeout=timeout, env=full_env, cwd=str(cwd or tmp_path))
 
     return _run
+
+
+@pytest.fixture
+def run_dirs(log_dir):
+    """Return a function listing every run directory (holding status.json) under the log dir."""
+
+    def _list(root: Path | None = None) -> list[Path]:
+        root = Path(root) if root is not None else log_dir
+        if not root.is_dir():
+            return []
+        return sorted(p.parent for p in root.rglob("status.json"))
+
+    return _list
+
+
+@pytest.fixture
+def wait_until():
+    """Return ``wait(predicate, timeout=20, what=...)``: poll until predicate() is truthy."""
+    import time
+
+    def _wait(predicate, timeout: float = 20.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.02)
+
+    return _wait

@@ -20,6 +20,7 @@ class HereMode(Mode):
 
     def launch(self, batch: Batch) -> None:
         batch.materialize()
+        batch.started = True  # a failing function must not remove its (recorded) run directory
         config = batch.doodad_config()
         for run in batch.runs:
             runner.execute(
