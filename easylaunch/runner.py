@@ -45,6 +45,10 @@ class RunInterrupted(BaseException):
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    # one stop is enough: later signals (scancel signals every process, the task master
+    # forwards too) must not interrupt the recording of this one
+    for sig in SIGNAL_STATES:
+        signal.signal(sig, signal.SIG_IGN)
     raise RunInterrupted(signum)
 
 
@@ -153,6 +157,7 @@ def execute(
     echo: bool = True,
     capture: str = "fd",
     reraise: bool = False,
+    on_interrupt: Optional[Callable[[Path, Callable, DoodadConfig, Any, "RunInterrupted"], Optional[int]]] = None,
 ) -> int:
     """Run one payload in this process and record everything; returns the exit code.
 
@@ -160,7 +165,9 @@ def execute(
     starts so that import errors land in stderr.log and error.json. ``capture`` is ``"fd"``
     (descriptor-level tee, for runner processes), ``"python"`` (sys.stdout/sys.stderr only, for
     in-process runs) or ``"none"``. ``reraise`` re-raises the function's exception after
-    recording it (in-process debugging).
+    recording it (in-process debugging). ``on_interrupt(run_dir, fn, config, variant, exc)`` may
+    take over a stop signal (checkpoint + requeue on Slurm): it returns an exit code once it has
+    recorded the state itself, or None to record the signal's state as usual.
     """
     run_dir = Path(run_dir)
     if (run_dir / records.CANCEL_MARK).exists():
@@ -203,6 +210,10 @@ def execute(
             result = fn(config, variant)
         except RunInterrupted as exc:
             _flush_std()
+            if on_interrupt is not None and "fn" in locals():
+                code = on_interrupt(run_dir, fn, config, variant, exc)
+                if code is not None:
+                    return code
             record_failure(run_dir, exc, exc.state, 128 + exc.signum)
             if reraise:
                 raise KeyboardInterrupt(str(exc)) from exc
@@ -256,6 +267,10 @@ def load_payload_file(path: Path) -> tuple[Callable, DoodadConfig, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     """Command-line entry: ``python -m easylaunch.runner PAYLOAD [--wait-go] [--quiet]``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--tasks" in args:
+        from .taskrunner import main as tasks_main
+
+        return tasks_main(args)
     wait_go = "--wait-go" in args
     quiet = "--quiet" in args
     paths = [a for a in args if not a.startswith("--")]
@@ -264,6 +279,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     payload_path = Path(paths[0]).resolve()
     run_dir = payload_path.parent
+    # imported before waiting for the go byte: cloudpickle is most of the runner's start-up
+    from . import payload
+
     if wait_go:
         # the launcher starts us before the payload is written, to overlap our imports with its
         # git capture; it writes one byte on stdin when the payload is in place
@@ -276,7 +294,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                 message="the launcher exited before the payload was written",
             )
             return 3
-    from . import payload
 
     try:
         header = payload.read_header(payload_path)

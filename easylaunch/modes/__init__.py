@@ -18,6 +18,8 @@ _REGISTRY: Dict[str, str] = {
     "here_no_doodad": "easylaunch.modes.here:HereMode",
     "local": "easylaunch.modes.local:LocalMode",
     "local_pool": "easylaunch.modes.local_pool:LocalPoolMode",
+    "slurm": "easylaunch.modes.slurm:SlurmMode",
+    "slurm_singularity": "easylaunch.modes.slurm:SlurmSingularityMode",
 }
 
 
