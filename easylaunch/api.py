@@ -159,12 +159,11 @@ def run_sweep(
 def relaunch(run_dir: str, mode: Optional[str] = None, **overrides: Any) -> Job:
     """Launch a run again from its directory (payload + manifest), optionally on another mode."""
     from . import records
-    from .payload import load_callable, read_header
+    from .runner import load_payload_file
 
     old = Job.load(run_dir)
     manifest = old.manifest
-    header = read_header(old.run_dir / records.PAYLOAD)
-    fn, _config, variant = load_callable(header)
+    fn, _config, variant = load_payload_file(old.run_dir / records.PAYLOAD)
     options = {k: v for k, v in (manifest.get("options") or {}).items()}
     new_mode = mode or manifest["mode"]
     mode_cls = get_mode_class(new_mode)

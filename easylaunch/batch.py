@@ -125,8 +125,11 @@ class Batch:
         status = records.initial_status(State.PENDING, host=records.hostname())
         status_bytes = json.dumps(status, indent=1, sort_keys=True).encode() + b"\n"
         for i, (run_dir, variant) in enumerate(zip(made, self.variants)):
-            (run_dir / records.VARIANT).write_text(json.dumps(variant, indent=1, default=repr) + "\n")
-            (run_dir / records.STATUS).write_bytes(status_bytes)
+            # atomic: readers (Job, `easylaunch ls`) may scan the exp dir while we launch
+            records.atomic_write_bytes(
+                run_dir / records.VARIANT, json.dumps(variant, indent=1, default=repr).encode() + b"\n"
+            )
+            records.atomic_write_bytes(run_dir / records.STATUS, status_bytes)
             self.runs.append(RunSpec(i, run_dir, variant, self.variant_blobs[i]))
 
     def remove_dirs(self) -> None:
@@ -206,11 +209,9 @@ class Batch:
             self._materialized = True
 
     def _manifest_common(self) -> dict:
-        options = {
-            k: (v if not isinstance(v, os.PathLike) else os.fspath(v))
-            for k, v in self.options.items()
-            if not is_secret(k)
-        }
+        options = _scrub_secrets(
+            {k: (v if not isinstance(v, os.PathLike) else os.fspath(v)) for k, v in self.options.items()}
+        )
         return {
             "easylaunch_version": __version__,
             "exp_name": self.exp_name,
@@ -241,6 +242,15 @@ class Batch:
             "launched": self.created,
             "launched_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.created)),
         }
+
+
+def _scrub_secrets(value: Any) -> Any:
+    """``value`` without secret-looking keys at any depth (e.g. extra_launch_info's)."""
+    if isinstance(value, dict):
+        return {k: _scrub_secrets(v) for k, v in value.items() if not (isinstance(k, str) and is_secret(k))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub_secrets(v) for v in value)
+    return value
 
 
 def _user() -> str:

@@ -105,6 +105,21 @@ def _flush_std() -> None:
             pass
 
 
+def _streams_to_fds() -> None:
+    """Make sys.stdout/sys.stderr write to descriptors 1/2, which the FdTee captures.
+
+    A forked run (local_pool) inherits the launcher's streams, which need not be the
+    descriptors: a notebook's or a test runner's streams write elsewhere.
+    """
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            ok = getattr(sys, name).fileno() == fd
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation included
+            ok = False
+        if not ok:
+            setattr(sys, name, open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False))
+
+
 def record_failure(run_dir: Path, exc: BaseException, state: State, exit_code: int) -> None:
     """Write error.json (+ exception.pkl when picklable) and the final status."""
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -200,6 +215,7 @@ def execute(
     elif capture == "fd":
         _flush_std()
         tees = [FdTee(1, run_dir / records.STDOUT, echo), FdTee(2, run_dir / records.STDERR, echo)]
+        _streams_to_fds()
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, io.TextIOWrapper):
                 stream.reconfigure(line_buffering=True)
@@ -243,6 +259,7 @@ def execute(
         if capture == "python":
             for stream in (sys.stdout, sys.stderr):
                 stream.log.close()  # type: ignore[attr-defined]
+        if capture != "none":
             sys.stdout, sys.stderr = saved_streams
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)

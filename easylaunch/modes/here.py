@@ -12,6 +12,7 @@ from .. import runner
 from ..batch import Batch
 from ..job import Job
 from .base import Mode
+from .process import launcher_sys_path
 
 
 class HereMode(Mode):
@@ -19,6 +20,8 @@ class HereMode(Mode):
     waits_by_default = True
 
     def launch(self, batch: Batch) -> None:
+        # let `python -m easylaunch.runner payload.pkl` import the script's modules, as in local
+        batch.payload_sys_path = launcher_sys_path()
         batch.materialize()
         batch.started = True  # a failing function must not remove its (recorded) run directory
         config = batch.doodad_config()
