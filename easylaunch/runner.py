@@ -63,6 +63,13 @@ class FdTee:
         self.echo = echo
         self.log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.orig_fd = os.dup(fd)
+        self.read_fd: Optional[int] = None
+        self.thread: Optional[threading.Thread] = None
+        if not echo:
+            # nothing to copy anywhere else: point the descriptor at the log file itself
+            # (same bytes in the log, no pipe and no thread; matters for many short runs)
+            os.dup2(self.log_fd, fd)
+            return
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, fd)
         os.close(write_fd)
@@ -89,8 +96,11 @@ class FdTee:
     def close(self) -> None:
         """Restore the descriptor and drain what is left in the pipe."""
         os.dup2(self.orig_fd, self.fd)
-        self.thread.join(timeout=5.0)
+        if self.thread is not None:
+            self.thread.join(timeout=5.0)
         for fd in (self.read_fd, self.orig_fd, self.log_fd):
+            if fd is None:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -172,7 +182,9 @@ def execute(
     echo: bool = True,
     capture: str = "fd",
     reraise: bool = False,
-    on_interrupt: Optional[Callable[[Path, Callable, DoodadConfig, Any, "RunInterrupted"], Optional[int]]] = None,
+    on_interrupt: Optional[
+        Callable[[Path, Callable, DoodadConfig, Any, "RunInterrupted"], Optional[int]]
+    ] = None,
 ) -> int:
     """Run one payload in this process and record everything; returns the exit code.
 
