@@ -69,6 +69,12 @@ def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: 
     """Fork one child per run, ``limit`` at a time; reap them all."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    if not echo:
+        # a detached supervisor must not hold the launch script's stdout/stderr open: whoever
+        # reads them (a pipe, `| tee`, CI, ssh) would wait for the whole sweep
+        devnull_w = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull_w, 1)
+        os.dup2(devnull_w, 2)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     running = 0
