@@ -207,7 +207,7 @@ class SlurmMode(Mode):
         if code_dirs:
             from .. import snapshot
 
-            batch.payload_snapshot = snapshot.create(code_dirs, store)
+            batch.payload_snapshot = snapshot.create(code_dirs, store, include_easylaunch=False)
         else:
             from .process import launcher_sys_path
 
