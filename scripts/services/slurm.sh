@@ -206,7 +206,7 @@ sacctmgr_clusters() { timeout 10 sacctmgr -n -P list cluster format=cluster 2>&1
 start_slurmdbd() {
     daemon_start slurmdbd "$LOGDIR/slurmdbd.out" slurmdbd -D
     WAIT_ALIVE=slurmdbd wait_until 90 sacctmgr_clusters ||
-        fail "slurmdbd not ready" "$LOGDIR/slurmdbd.out" "$LOGDIR/slurmdbd.log" "$LOGDIR/mariadb.log"
+        fail "slurmdbd not ready: sacctmgr says: $(sacctmgr_clusters | tail -n 3 || true)" "$LOGDIR/slurmdbd.out" "$LOGDIR/slurmdbd.log" "$LOGDIR/mariadb.log"
     if ! sacctmgr_clusters | grep -qx "$CLUSTER"; then
         log "registering cluster $CLUSTER (sacctmgr -i add cluster $CLUSTER)"
         timeout 30 sacctmgr -i add cluster "$CLUSTER" >"$LOGDIR/sacctmgr.log" 2>&1 ||
@@ -254,6 +254,24 @@ smoke_test() {
     log "smoke job $id (sbatch --wrap true) COMPLETED and in sacct in $(elapsed "$t0")"
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# A fresh start rewrites /etc/slurm and wipes the state and the database: never do that under
+# daemons this state dir did not start (another EASYLAUNCH_SERVICES_DIR, a deleted state dir).
+check_nothing_running() {
+    local p busy=''
+    for p in 6817 6818 6819 3306; do
+        port_open "$p" && busy+=" 127.0.0.1:$p"
+    done
+    [[ -S /run/munge/munge.socket.2 ]] && timeout 5 munge -n >/dev/null 2>&1 && busy+=" munged"
+    [[ -S $MYSQL_SOCK ]] && timeout 5 mysqladmin --socket="$MYSQL_SOCK" ping >/dev/null 2>&1 &&
+        busy+=" mysqld"
+    [[ -z $busy ]] && return 0
+    die "already in use, but not by daemons recorded in $PIDDIR:$busy. Another Slurm/MariaDB \
+runs on this machine (another EASYLAUNCH_SERVICES_DIR, or a state dir that was deleted): stop it \
+first (with the state dir that started it); refusing to wipe its state and database."
+}
+
 do_start() {
     local t0 t1
     t0=$(now)
@@ -270,6 +288,7 @@ do_start() {
     for b in munged mysqld_safe slurmdbd slurmctld slurmd sbatch sacct sacctmgr; do
         command -v "$b" >/dev/null || die "$b not found after install"
     done
+    check_nothing_running
     t1=$(now)
     log "starting daemons (logs: $LOGDIR)"
     write_configs
