@@ -16,9 +16,10 @@
 # There is no daemon: stop does nothing.
 set -euo pipefail
 
+# shellcheck disable=SC2034 # used by lib.sh
 SVC=apptainer
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR
 source "$HERE/lib.sh"
 
 CACHE=/var/cache/easylaunch-test
@@ -278,7 +279,7 @@ do_start() {
         echo "export EASYLAUNCH_TEST_SINGULARITY_IMAGE=$image"
         echo "export EASYLAUNCH_TEST_SINGULARITY_SANDBOX=$IMG"
         [[ $SIF_OK == 1 ]] && echo "export EASYLAUNCH_TEST_SINGULARITY_SIF=$SIF"
-        echo "export EASYLAUNCH_TEST_CLOUDPICKLE_VERSION=$want"
+        echo "export EASYLAUNCH_TEST_IMAGE_CLOUDPICKLE_VERSION=$want"
     } >"$ENV_FILE"
     log "ready in $(elapsed "$t0"); image: $image; env: $ENV_FILE"
 }

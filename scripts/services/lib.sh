@@ -147,8 +147,7 @@ apt_ensure() {
     missing=$(pkg_missing "$@")
     [[ -z $missing ]] && return 0
     t0=$(now)
-    # shellcheck disable=SC2086
-    log "installing packages: $(echo $missing)"
+    log "installing packages: ${missing//$'\n'/ }"
     export DEBIAN_FRONTEND=noninteractive
     local aptopts=(-o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 -q)
     if [[ $_APT_UPDATED == 0 ]]; then

@@ -9,9 +9,10 @@
 # Not part of the test-suite: a diagnostic for the harness itself (a few tens of seconds).
 set -euo pipefail
 
+# shellcheck disable=SC2034 # used by lib.sh
 SVC=selftest
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR
 source "$HERE/lib.sh"
 # shellcheck disable=SC1091
 source "$STATE/slurm.env"
@@ -34,7 +35,7 @@ cat >job-sing.sh <<EOF
 singularity exec -B /tmp $IMAGE python3 -c 'import cloudpickle, json, sys; json.dump({"cloudpickle": cloudpickle.__version__, "python": sys.version.split()[0]}, open(sys.argv[1], "w"))' $WORK/sing.json
 EOF
 if sbatch --wait --export=NONE -o "$WORK/sing.out" job-sing.sh >/dev/null &&
-    grep -q "\"cloudpickle\": \"$EASYLAUNCH_TEST_CLOUDPICKLE_VERSION\"" sing.json; then
+    grep -q "\"cloudpickle\": \"$EASYLAUNCH_TEST_IMAGE_CLOUDPICKLE_VERSION\"" sing.json; then
     ok "sbatch -> singularity exec $IMAGE -> $(cat sing.json) in $(elapsed "$t0")"
 else
     bad "singularity job: $(cat sing.out sing.json 2>&1)"
@@ -42,6 +43,7 @@ fi
 
 # 2. Job array with per-task exit codes.
 t0=$(now)
+# shellcheck disable=SC2016 # expanded in the job
 id=$(sbatch --parsable --wait --array=0-3 -o /dev/null --wrap 'exit $((SLURM_ARRAY_TASK_ID % 2))' 2>/dev/null || true)
 id=${id%%;*}
 wait_until 20 sh -c "[ \$(sacct -X -n -P -o JobID -S $START -j $id | wc -l) -eq 4 ]" || true

@@ -16,9 +16,10 @@
 #   clients read /etc/slurm/slurm.conf by default). Logs: $STATE/log/.
 set -euo pipefail
 
+# shellcheck disable=SC2034 # used by lib.sh
 SVC=slurm
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR
 source "$HERE/lib.sh"
 
 PACKAGES=(slurm-wlm slurmdbd munge mariadb-server mariadb-client)
@@ -36,8 +37,6 @@ DB_PASS=easylaunch-test
 MYSQL_SOCK=/run/mysqld/mysqld.sock
 MYSQL_PIDFILE=/run/mysqld/mysqld.pid
 DAEMONS=(munged mysqld_safe mysqld slurmdbd slurmctld slurmd) # start order
-ALL_LOGS=("$LOGDIR/munged.log" "$LOGDIR/mariadb.log" "$LOGDIR/slurmdbd.log"
-    "$LOGDIR/slurmctld.log" "$LOGDIR/slurmd.log")
 
 all_alive() {
     local d
@@ -318,6 +317,7 @@ cancel_jobs() {
     log "cancelling remaining jobs: $ids"
     # shellcheck disable=SC2086
     timeout 10 scancel $ids 2>/dev/null || true
+    # shellcheck disable=SC2016 # expanded by sh
     wait_until 20 sh -c '[ -z "$(timeout 5 squeue -h -o %A 2>/dev/null)" ]' ||
         warn "jobs still in squeue: $(squeue -h -o '%A %T' 2>&1 | tr '\n' ' ')"
 }
