@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -184,7 +186,6 @@ COUNTING = """
 
     def counted(doodad_config, variant):
         # a counter under an fcntl lock records how many runs were inside at once
-        Path(doodad_config.base_log_dir, "started").touch()
         path = variant["counter"]
 
         def update(delta):
@@ -199,6 +200,7 @@ COUNTING = """
                 f.write(f"{{cur}} {{peak}}")
 
         update(+1)
+        Path(doodad_config.base_log_dir, "started").touch()
         deadline = time.time() + 60
         while not os.path.exists(variant["go"]) and time.time() < deadline:
             time.sleep(0.02)
@@ -218,10 +220,6 @@ def test_sweep_larger_than_max_parallel_is_limited_and_outlives_the_script(
 ):
     go, counter = tmp_path / "go", tmp_path / "counter"
     script = tmp_path / "counting.py"
-    script.write_text("")
-    import textwrap
-    import subprocess
-
     script.write_text(textwrap.dedent(COUNTING.format(mode=mode)))
     proc = subprocess.run([sys.executable, str(script), str(go), str(counter)], capture_output=True,
                           text=True, timeout=30, cwd=str(tmp_path))
@@ -251,9 +249,10 @@ def test_local_cancel_running_and_queued(tmp_path, log_dir, wait_until):
     wait_until(lambda: started(running.run_dir), what="the first run to start")
     queued.cancel()
     assert queued.state is State.CANCELLED
+    queued2.cancel()
     running.cancel()
     assert running.wait(timeout=30) is State.CANCELLED
-    sweep.cancel()  # the rest, and a no-op for the finished ones
+    sweep.cancel()  # a no-op for runs that are over
     assert sweep.wait(timeout=30).states() == [State.CANCELLED] * 3
     assert status_of(running.run_dir)["exit_code"] == 143
     # the dispatcher skips the cancelled runs and ends; they never started
