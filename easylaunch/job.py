@@ -206,11 +206,14 @@ def _by_mode(jobs: Iterable[Job]) -> Dict[str, List[Job]]:
     return groups
 
 
-def refresh_states(jobs: Sequence[Job]) -> None:
-    """Update many jobs at once: status files, then ONE backend poll per mode."""
+def refresh_states(jobs: Sequence[Job], backend: bool = True) -> None:
+    """Update many jobs at once: status files, then ONE backend poll per mode (skipped when
+    ``backend`` is False)."""
     unfinished = [
         j for j in jobs if j._refresh_from_file() not in TERMINAL_STATES and j._state is not State.GENERATED
     ]
+    if not backend:
+        return
     for _name, group in _by_mode(unfinished).items():
         answers = group[0].mode.poll(group)
         for job in group:
@@ -278,24 +281,42 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
             generated[0].run_dir,
         )
     deadline = None if timeout is None else time.monotonic() + timeout
-    interval = min(0.05, jobs[0].mode.poll_interval)
+    # Status files (only the unfinished ones are re-read) are polled often at first, so that a
+    # short run is seen as soon as it ends; the pace is kept while runs keep finishing and
+    # slows down gently (x1.25 per idle poll) up to the mode's poll_interval, and reading
+    # never takes more than about a tenth of the time. The backend (process liveness, sacct)
+    # is asked once per poll_interval, or less often when its answer takes long.
     max_interval = max(getattr(j.mode, "poll_interval", 1.0) for j in jobs[:1])
+    interval = min(0.01, max_interval)
+    backend_due = time.monotonic() + max_interval
+    scan_cost = 0.0
     bar = None
     try:
         pending = list(jobs)
         while True:
-            refresh_states(pending)
-            pending = [j for j in pending if j._state not in TERMINAL_STATES]
+            began = time.monotonic()
+            ask_backend = began >= backend_due
+            refresh_states(pending, backend=ask_backend)
+            still = [j for j in pending if j._state not in TERMINAL_STATES]
+            progressed = len(still) < len(pending)
+            pending = still
             if bar is None and pending:
                 bar = _Progress(len(jobs), progress and len(jobs) > 1)
             if bar is not None:
                 bar.update(Counter(j._state for j in jobs))
             if not pending:
                 return
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if ask_backend:
+                backend_due = now + max(max_interval, 10 * (now - began))
+            else:
+                scan_cost = now - began
+            if deadline is not None and now >= deadline:
                 raise TimeoutError(f"{len(pending)} of {len(jobs)} run(s) still unfinished after {timeout} s")
-            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
-            interval = min(max_interval, interval * 1.5)
+            if not progressed:
+                interval = min(max_interval, interval * 1.25)
+            pause = max(interval, 10 * scan_cost)
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - now)))
     finally:
         if bar is not None:
             bar.close()

@@ -41,7 +41,8 @@ CANCEL_MARK = "cancel.requested"
 
 PRIVATE_MODE = 0o600
 
-_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC
 
 
 def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o644) -> None:
@@ -81,16 +82,26 @@ def atomic_write_json(path: Path | str, obj: Any, mode: int = 0o644) -> None:
 
 def read_json(path: Path | str, default: Any = None) -> Any:
     """Read a JSON file, or return ``default`` when it does not exist (yet)."""
+    # os-level reads: half the cost of open() for the small files polled by the thousand
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        fd = os.open(path, os.O_RDONLY | _CLOEXEC)
     except FileNotFoundError:
         return default
+    try:
+        data = os.read(fd, 1 << 16)
+        if len(data) == 1 << 16:
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return json.loads(data)
 
 
 def read_status(run_dir: Path | str) -> dict:
     """The run's status record, ``{}`` when none was written yet."""
-    return read_json(Path(run_dir) / STATUS, {}) or {}
+    return read_json(os.path.join(run_dir, STATUS), {}) or {}
 
 
 def write_status(run_dir: Path | str, state: str, **fields: Any) -> dict:
