@@ -172,7 +172,8 @@ class Batch:
             if self.git_infos is None:
                 self.git_infos = capture_git_infos(self.code_dirs())
             config = self.doodad_config()
-            common = self._manifest_common()
+            # the entries shared by every manifest are JSON-encoded once, not once per run
+            common_entries = _json_entries(self._manifest_common())
             patches = patch_files(self.git_infos)
             first_git_dir: Optional[Path] = None
             for run in self.runs:
@@ -197,15 +198,19 @@ class Batch:
                             except OSError:
                                 shutil.copyfile(first_git_dir / name, target)
                     first_git_dir = first_git_dir or git_dir
-                manifest = dict(common)
-                manifest.update(
-                    index=run.index,
-                    run_name=run.name,
-                    run_dir=str(run.run_dir),
-                    variant=run.variant,
-                    backend={**self.backend_common, **self.backend.get(run.index, {})},
+                entries = dict(common_entries)
+                entries.update(
+                    _json_entries(
+                        dict(
+                            index=run.index,
+                            run_name=run.name,
+                            run_dir=str(run.run_dir),
+                            variant=run.variant,
+                            backend={**self.backend_common, **self.backend.get(run.index, {})},
+                        )
+                    )
                 )
-                records.atomic_write_json(run.run_dir / records.MANIFEST, manifest)
+                records.atomic_write_bytes(run.run_dir / records.MANIFEST, _json_join(entries))
             self._materialized = True
 
     def _manifest_common(self) -> dict:
@@ -251,6 +256,20 @@ def _scrub_secrets(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_scrub_secrets(v) for v in value)
     return value
+
+
+def _json_entries(obj: Dict[str, Any]) -> Dict[str, str]:
+    """Each top-level entry of ``obj`` as :func:`records.atomic_write_json` would write it."""
+    out = {}
+    for key, value in obj.items():
+        text = json.dumps({key: value}, indent=1, sort_keys=True, default=repr)
+        out[key] = text[2:-2]  # '{\n "key": value\n}' -> ' "key": value'
+    return out
+
+
+def _json_join(entries: Dict[str, str]) -> bytes:
+    """The bytes :func:`records.atomic_write_json` writes for the dict of these entries."""
+    return ("{\n" + ",\n".join(entries[k] for k in sorted(entries)) + "\n}\n").encode()
 
 
 def _user() -> str:
