@@ -357,3 +357,31 @@ def test_function_defined_in_the_launch_scripts_main(mode, log_dir, run_script):
         job = Job.load(run_dir)
         assert job.state is State.COMPLETED
         assert f"main says {i}" in job.stdout()
+
+
+def test_here_sweep_stopped_by_an_exception_leaves_no_run_pending(log_dir):
+    variants = [{"k": "ok", "i": 0}, {"k": "bad", "i": 1}, {"k": "ok", "i": 2}]
+
+    def fail_on_bad(doodad_config, variant):
+        if variant["k"] == "bad":
+            raise KeyError("bad variant")
+        return variant["i"]
+
+    with pytest.raises(KeyError):
+        run_sweep(fail_on_bad, variants, exp_name="here-stop", mode="here_no_doodad")
+    runs = sorted(load_experiment("here-stop"), key=lambda j: j.run_dir.name)
+    assert [j.variant["i"] for j in runs] == [0, 1, 2]
+    assert runs[0].result() == 0
+    assert runs[1].state is State.FAILED
+    # the variant after the failure never ran, and must not wait forever as PENDING
+    assert runs[2].wait(timeout=5) is State.CANCELLED
+    assert "RUNNING" not in [h[0] for h in status_of(runs[2].run_dir)["history"]]
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_parallel_must_be_positive(value, log_dir, run_dirs):
+    with pytest.raises(ValueError, match="max_parallel"):
+        run_sweep(identify, [{"i": 0}, {"i": 1}], exp_name="mp", mode="local", max_parallel=value)
+    with pytest.raises(ValueError, match="max_parallel"):
+        run_sweep(identify, [{"i": 0}, {"i": 1}], exp_name="mp", mode="local_pool", max_parallel=value)
+    assert run_dirs() == []

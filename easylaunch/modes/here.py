@@ -6,11 +6,13 @@ exception is recorded and then re-raised to the caller, as a plain call would.
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
-from .. import runner
+from .. import records, runner
 from ..batch import Batch
 from ..job import Job
+from ..spec import State
 from .base import Mode
 from .process import launcher_sys_path
 
@@ -25,13 +27,24 @@ class HereMode(Mode):
         batch.materialize()
         batch.started = True  # a failing function must not remove its (recorded) run directory
         config = batch.doodad_config()
-        for run in batch.runs:
-            runner.execute(
-                run.run_dir,
-                lambda run=run: (batch.fn, config, run.variant),
-                capture="python",
-                reraise=True,
-            )
+        for i, run in enumerate(batch.runs):
+            try:
+                runner.execute(
+                    run.run_dir,
+                    lambda run=run: (batch.fn, config, run.variant),
+                    capture="python",
+                    reraise=True,
+                )
+            except BaseException:
+                # the exception ends the sweep: the runs after it will never start
+                for later in batch.runs[i + 1 :]:
+                    records.write_status(
+                        later.run_dir,
+                        State.CANCELLED,
+                        ended=time.time(),
+                        message=f"not run: run {run.name} raised first",
+                    )
+                raise
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """In-process runs are over by the time anyone holds their handle."""

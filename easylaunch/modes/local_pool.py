@@ -25,6 +25,7 @@ class LocalPoolMode(ProcessMode):
     name = "local_pool"
 
     def check(self, batch: Batch) -> None:
+        super().check(batch)
         if not hasattr(os, "fork"):
             raise RuntimeError("mode 'local_pool' needs os.fork (POSIX); use mode='local' here")
 

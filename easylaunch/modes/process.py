@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 from .. import records
 from ..job import Job
@@ -21,6 +21,9 @@ from ..options import Option
 from ..procs import alive, terminate
 from ..spec import State
 from .base import Mode
+
+if TYPE_CHECKING:
+    from ..batch import Batch
 
 SUPERVISOR_FILE = "supervisor.json"
 
@@ -51,8 +54,13 @@ class ProcessMode(Mode):
         Option("max_parallel", (int,), None, "runs at once (default: MAX_PARALLEL or CPU count)"),
     )
 
+    def check(self, batch: Batch) -> None:
+        self.max_parallel(batch.options)  # refuse max_parallel=0 before any directory exists
+
     def max_parallel(self, options: dict) -> int:
-        value = options.get("max_parallel") or self.settings.get("MAX_PARALLEL") or os.cpu_count() or 1
+        value = options.get("max_parallel")
+        if value is None:  # not `or`: max_parallel=0 is an error, not "use the default"
+            value = self.settings.get("MAX_PARALLEL") or os.cpu_count() or 1
         if value < 1:
             raise ValueError(f"option max_parallel={value!r} must be a positive integer")
         return int(value)
