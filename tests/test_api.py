@@ -262,3 +262,16 @@ def test_none_variant_becomes_empty_dict(log_dir):
     job = run_experiment(lambda c, v: v, exp_name="nv", mode="here_no_doodad")
     assert job.result() == {}
     assert job.variant == {}
+
+
+def test_prepend_date_to_exp_name(log_dir):
+    import time
+
+    before = time.strftime("%y-%m-%d")
+    job = run_experiment(report_config, exp_name="dated", mode="here_no_doodad", prepend_date_to_exp_name=True)
+    config = DoodadConfig(*job.result()["config"])
+    expected = job.run_dir.parent.name
+    assert expected in (before + "-dated", time.strftime("%y-%m-%d") + "-dated")  # midnight-proof
+    assert job.run_dir.parent == log_dir / expected
+    assert config.exp_name == expected
+    assert config.extra_launch_info["base_exp_name"] == "dated"

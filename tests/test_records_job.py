@@ -61,15 +61,16 @@ def tick(doodad_config, variant):
 # -- run directory contents ------------------------------------------------------------------
 
 
-def test_run_directory_contents_of_a_completed_local_run(log_dir, run_dirs):
-    job = run_experiment(chatty, exp_name="contents", mode="local", variant={"x": 21})
+@pytest.mark.parametrize("mode", ["local", "local_pool"])
+def test_run_directory_contents_of_a_completed_run(mode, log_dir, run_dirs):
+    job = run_experiment(chatty, exp_name="contents", mode=mode, variant={"x": 21})
     run_dir = job.run_dir
     assert run_dirs() == [run_dir]
     assert run_dir.parent == log_dir / "contents"
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert MANIFEST_KEYS <= set(manifest)
-    assert manifest["mode"] == "local"
+    assert manifest["mode"] == mode
     assert manifest["variant"] == {"x": 21}
     assert manifest["options"]["use_gpu"] is False and "skip_wait" in manifest["options"]
     assert isinstance(manifest["git"], list)
