@@ -277,12 +277,13 @@ def execute(
             signal.signal(sig, handler)
 
 
-def load_payload_file(path: Path) -> tuple[Callable, DoodadConfig, Any]:
-    """Read, version-check and unpickle a payload file."""
+def load_payload_file(path: Path, header: Optional[dict] = None) -> tuple[Callable, DoodadConfig, Any]:
+    """Read, version-check and unpickle a payload file (``header``: already read and checked)."""
     from . import payload
 
-    header = payload.read_header(path)
-    payload.check_versions(header)
+    if header is None:
+        header = payload.read_header(path)
+        payload.check_versions(header)
     for entry in reversed(header.get("sys_path") or []):
         if entry not in sys.path:
             sys.path.insert(0, entry)
@@ -331,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"easylaunch runner: {exc}", file=sys.stderr)
         records.write_status(run_dir, State.FAILED, ended=time.time(), exit_code=2, message=str(exc))
         return 2
-    return execute(run_dir, lambda: load_payload_file(payload_path), echo=not quiet)
+    return execute(run_dir, lambda: load_payload_file(payload_path, header), echo=not quiet)
 
 
 if __name__ == "__main__":
