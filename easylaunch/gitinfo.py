@@ -78,8 +78,9 @@ def _one(directory: str) -> Optional[GitInfo]:
         diff = pool.submit(repo.git.diff, "--no-color", "--binary")
         staged = pool.submit(repo.git.diff, "--no-color", "--binary", "--staged")
         # GitPython strips the output's final newline, which leaves a corrupt (unappliable) patch
-        code_diff, code_diff_staged = (d + "\n" if d and not d.endswith("\n") else d
-                                       for d in (diff.result(), staged.result()))
+        code_diff, code_diff_staged = (
+            d + "\n" if d and not d.endswith("\n") else d for d in (diff.result(), staged.result())
+        )
     return GitInfo(
         directory=str(repo.working_tree_dir),
         code_diff=code_diff,
