@@ -19,6 +19,7 @@ it created.
 from __future__ import annotations
 
 import inspect
+import sys
 import re
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -112,6 +113,9 @@ def _launch(batch: Batch, mode_obj: Any) -> Sweep:
             batch.remove_dirs()
         raise
     jobs = Sweep(Job(run.run_dir, mode_obj) for run in batch.runs)
+    if batch.options.get("verbose"):
+        print(f"easylaunch: {len(jobs)} run(s) of {batch.exp_name!r} on mode {batch.mode_name!r} "
+              f"in {batch.exp_dir} (first: {jobs[0].run_dir.name}, job id {jobs[0].job_id})", file=sys.stderr)
     if mode_obj.waits_by_default and not batch.options.get("skip_wait"):
         jobs.wait()
     return jobs

@@ -106,7 +106,9 @@ class Batch:
             )
         n = len(self.variants)
         width = max(3, len(str(n - 1)))
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.created))
+        # milliseconds keep names in launch order (find_runs sorts by name)
+        millis = int((self.created % 1) * 1000)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.created)) + f".{millis:03d}"
         for _attempt in range(20):
             self.batch_id = secrets.token_hex(3)
             made: List[Path] = []
