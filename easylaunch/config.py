@@ -37,6 +37,8 @@ class Key:
 
 
 _S, _L, _D, _N = (str,), (list, tuple), (dict,), (int, float)
+_SYNC_PATTERNS = ("*.txt", "*.csv", "*.json", "*.gz", "*.tar", "*.log", "*.pkl", "*.mp4", "*.png", "*.jpg",
+                  "*.jpeg", "*.patch", "*.html")
 
 KEYS: dict[str, Key] = {
     # code and data
@@ -60,21 +62,7 @@ KEYS: dict[str, Key] = {
     "REGION_TO_GPU_AWS_IMAGE_ID": Key(_D, {}, "region -> AMI id"),
     "AWS_FILE_TYPES_TO_SAVE": Key(
         _L,
-        (
-            "*.txt",
-            "*.csv",
-            "*.json",
-            "*.gz",
-            "*.tar",
-            "*.log",
-            "*.pkl",
-            "*.mp4",
-            "*.png",
-            "*.jpg",
-            "*.jpeg",
-            "*.patch",
-            "*.html",
-        ),
+        _SYNC_PATTERNS,
         "glob patterns synced to S3",
     ),
     # SSH
@@ -108,21 +96,7 @@ KEYS: dict[str, Key] = {
     ),
     "GCP_FILE_TYPES_TO_SAVE": Key(
         _L,
-        (
-            "*.txt",
-            "*.csv",
-            "*.json",
-            "*.gz",
-            "*.tar",
-            "*.log",
-            "*.pkl",
-            "*.mp4",
-            "*.png",
-            "*.jpg",
-            "*.jpeg",
-            "*.patch",
-            "*.html",
-        ),
+        _SYNC_PATTERNS,
         "glob patterns synced to GCS",
     ),
 }

@@ -270,21 +270,6 @@ def _load_index(store: Path) -> Dict[str, list]:
     return {}
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 # -- create -------------------------------------------------------------------------------
 
 
@@ -544,8 +529,10 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
     for p in stale:
         del index[p]
     if changed or written or stale:
+        from .records import atomic_write_bytes  # not at top: this file also runs stand-alone
+
         try:
-            _atomic_write(store / INDEX_NAME, json.dumps({"format": FORMAT, "files": index}).encode())
+            atomic_write_bytes(store / INDEX_NAME, json.dumps({"format": FORMAT, "files": index}).encode())
         except OSError:
             pass  # only a cache
     if include_easylaunch:
@@ -569,6 +556,8 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
 
 def _install_bootstrap(store: Path) -> None:
     """Copy this file into the store as ``unpack.py`` (stand-alone unpacker for bundles)."""
+    from .records import atomic_write_bytes
+
     try:
         data = Path(__file__).read_bytes()
         target = store / BOOTSTRAP_NAME
@@ -577,7 +566,7 @@ def _install_bootstrap(store: Path) -> None:
                 return
         except OSError:
             pass
-        _atomic_write(target, data)
+        atomic_write_bytes(target, data)
     except OSError:
         pass
 
