@@ -267,6 +267,10 @@ class _Progress:
             self.bar.stop()
 
 
+#: a poll is followed by a pause of at least this many times its own duration
+_POLL_SPACING = 20
+
+
 def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: bool = True) -> None:
     """Poll until every job is terminal; raises TimeoutError naming how many are left."""
     if not jobs:
@@ -284,8 +288,9 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
     # Status files (only the unfinished ones are re-read) are polled often at first, so that a
     # short run is seen as soon as it ends; the pace is kept while runs keep finishing and
     # slows down gently (x1.25 per idle poll) up to the mode's poll_interval, and reading
-    # never takes more than about a tenth of the time. The backend (process liveness, sacct)
-    # is asked once per poll_interval, or less often when its answer takes long.
+    # never takes more than about 1/_POLL_SPACING of the time (the runs need the CPU). The
+    # backend (process liveness, sacct) is asked once per poll_interval, or less often when
+    # its answer takes long.
     max_interval = max(getattr(j.mode, "poll_interval", 1.0) for j in jobs[:1])
     interval = min(0.01, max_interval)
     backend_due = time.monotonic() + max_interval
@@ -308,14 +313,14 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
                 return
             now = time.monotonic()
             if ask_backend:
-                backend_due = now + max(max_interval, 10 * (now - began))
+                backend_due = now + max(max_interval, _POLL_SPACING * (now - began))
             else:
                 scan_cost = now - began
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"{len(pending)} of {len(jobs)} run(s) still unfinished after {timeout} s")
             if not progressed:
                 interval = min(max_interval, interval * 1.25)
-            pause = max(interval, 10 * scan_cost)
+            pause = max(interval, _POLL_SPACING * scan_cost)
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - now)))
     finally:
         if bar is not None:
