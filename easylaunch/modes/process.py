@@ -39,9 +39,21 @@ def runner_env() -> dict:
 
 
 def launcher_sys_path() -> list[str]:
-    """The launch script's own directory (what ``python script.py`` puts first on sys.path)."""
-    first = sys.path[0] if sys.path else ""
-    return [os.path.abspath(first or os.getcwd())]
+    """The launcher's own import roots: every ``sys.path`` directory outside the interpreter's
+    installation (the launch script's directory first), so the runner imports what it could."""
+    prefixes = {
+        os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    }
+    out: list[str] = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if any(path == pre or path.startswith(pre + os.sep) for pre in prefixes):
+            continue
+        if "site-packages" in path or "dist-packages" in path or not os.path.isdir(path):
+            continue
+        if path not in out:
+            out.append(path)
+    return out
 
 
 class ProcessMode(Mode):
