@@ -237,6 +237,13 @@ def main() -> int:
             f"floor {fmt_ms(f_p90)}",
             f"{e_p90 / f_p90:.2f}x",
         )
+        pair = sorted(e / f for e, f in zip(el, fl))
+        t.add(
+            "launch_i / floor_i (interleaved pairs), median",
+            f"{median(pair):.2f}x",
+            goal,
+            f"min {pair[0]:.2f}x, max {pair[-1]:.2f}x",
+        )
         t.add(
             "first launch of the process (1 sample)",
             fmt_ms(first_dt),
