@@ -233,6 +233,10 @@ def execute(
                 stream.reconfigure(line_buffering=True)
     try:
         try:
+            if old_handlers:
+                # a forking parent (the Slurm task runner) may have blocked the stop signals
+                # until now, so that none is lost before the handlers above were in place
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, list(SIGNAL_STATES))
             fn, config, variant = load()
             config = config._replace(base_log_dir=str(run_dir))
             result = fn(config, variant)

@@ -107,6 +107,11 @@ class SlurmConfig:
                 raise SlurmConfigError(
                     f"{where}: {field}={value!r} must be a {'non-negative' if field == 'n_gpus' else 'positive'} integer"
                 )
+        if self.max_num_cores_per_node is not None and self.n_cpus_per_task > self.max_num_cores_per_node:
+            raise SlurmConfigError(
+                f"{where}: n_cpus_per_task={self.n_cpus_per_task} exceeds max_num_cores_per_node="
+                f"{self.max_num_cores_per_node}; one task runs on one node"
+            )
         if self.time_in_mins is not None:
             parse_time(self.time_in_mins, f"{where}: time_in_mins")
         for field in ("account_name", "partition", "mem", "qos", "constraint", "gres"):

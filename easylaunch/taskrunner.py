@@ -43,23 +43,52 @@ def slurm_job_ref() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def slurm_requeue_pending() -> bool:
-    """True when Slurm is requeueing this job (so a SIGTERM is not a cancel)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return False
+def slurm_job_fields() -> dict:
+    """This task's ``scontrol -o show job`` record (empty outside Slurm or on error).
+
+    Asks for ``ARRAYJOB_TASK``: ``show job $SLURM_JOB_ID`` of the array's own id lists every
+    task of the array, one record per line.
+    """
+    ref = slurm_job_ref()
+    if not ref:
+        return {}
     try:
         out = subprocess.run(
-            ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=10
+            ["scontrol", "-o", "show", "job", ref], capture_output=True, text=True, timeout=10
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
+        return {}
+    line = out.splitlines()[0] if out.strip() else ""
+    return dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+
+
+def slurm_requeue_pending() -> bool:
+    """True when Slurm is requeueing this job (so a SIGTERM is not a cancel).
+
+    During ``scontrol requeue`` (and preemption with requeue) Slurm 22.05 shows the job as
+    ``COMPLETING`` with no reason, exactly as during ``scancel``; what differs is ``Restarts``,
+    already one more than the ``$SLURM_RESTART_COUNT`` this attempt started with.
+    """
+    fields = slurm_job_fields()
+    if not fields:
         return False
-    fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+    try:
+        restarts = int(fields.get("Restarts", "0"))
+        started_with = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restarts = started_with = 0
     state = fields.get("JobState", "")
     return (
-        state in {"REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PENDING", "PREEMPTED"}
+        restarts > started_with
+        or state in {"REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PENDING", "PREEMPTED"}
         or "REQUEUE" in fields.get("Reason", "").upper()
     )
+
+
+def slurm_time_limit_reached() -> bool:
+    """True when Slurm's SIGTERM is the time limit (no USR2 came, or it came too late)."""
+    fields = slurm_job_fields()
+    return fields.get("Reason") == "TimeLimit" or fields.get("JobState") in ("TIMEOUT", "DEADLINE")
 
 
 def _save_checkpoint(run_dir: Path, new_fn: Callable) -> None:
@@ -97,6 +126,12 @@ def make_checkpoint_hook(max_requeue: int) -> Callable[..., Optional[int]]:
         elif exc.signum == signal.SIGTERM and slurm_requeue_pending():
             why = "requeued by Slurm (preemption or scontrol requeue)"
             code = REQUEUED_BY_SLURM
+        elif exc.signum == signal.SIGTERM and slurm_time_limit_reached():
+            from .runner import record_failure
+
+            record_failure(run_dir, exc, State.TIMEOUT, 128 + exc.signum)
+            records.write_status(run_dir, State.TIMEOUT, message="Slurm's time limit was reached (SIGTERM)")
+            return 128 + exc.signum
         else:
             return None
         if callable(checkpoint):
@@ -163,6 +198,10 @@ def run_group(paths: List[Path], quiet: bool = False, max_requeue: int = 0) -> i
 
         sys.stdout.flush()
         sys.stderr.flush()
+        # stop signals stay blocked in the child until execute() has its handlers in place
+        # (a SIGTERM or USR2 in between would otherwise kill it unrecorded); in the parent
+        # they are delivered once the child's pid is known, and forwarded to it
+        signal.pthread_sigmask(signal.SIG_BLOCK, list(SIGNAL_STATES))
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             code = 1
@@ -173,6 +212,7 @@ def run_group(paths: List[Path], quiet: bool = False, max_requeue: int = 0) -> i
             finally:
                 os._exit(code)
         master.child = pid
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, list(SIGNAL_STATES))
         if master.stop is not None:  # a signal arrived between the check and the fork
             os.kill(pid, master.stop)
         code = _wait_child(pid, run_dir, master)
@@ -183,16 +223,23 @@ def run_group(paths: List[Path], quiet: bool = False, max_requeue: int = 0) -> i
             master.stop = master.stop or signal.SIGTERM
             break
         all_ok &= code == 0
-        if code < 0 or code > 128:  # killed by a signal it could not record
-            status = records.read_status(run_dir)
-            if status.get("state") in (State.RUNNING, State.PENDING):
-                records.write_status(
-                    run_dir,
-                    State.FAILED,
-                    ended=time.time(),
-                    exit_code=code,
-                    message=f"run process died (exit status {code})",
-                )
+        # the run process left without its final record: killed by a signal it could not
+        # catch, or os._exit() from inside the function (any exit code, 0 included)
+        status = records.read_status(run_dir)
+        if status.get("state") in (State.RUNNING, State.PENDING):
+            all_ok = False
+            how = (
+                f"killed by {signal.Signals(-code).name}"
+                if code < 0 and -code in signal.valid_signals()
+                else f"exit status {code}"
+            )
+            records.write_status(
+                run_dir,
+                State.FAILED,
+                ended=time.time(),
+                exit_code=code,
+                message=f"run process died without recording an outcome ({how})",
+            )
     if master.stop is not None:
         _settle_unstarted(paths, loaded, master.stop, requeue)
         if requeue:
@@ -235,6 +282,8 @@ def _settle_unstarted(paths: List[Path], started: dict, signum: int, requeue: bo
     if requeue or (signum == signal.SIGTERM and slurm_requeue_pending()):
         return  # they stay PENDING and run when the job restarts
     state = SIGNAL_STATES[signum]
+    if signum == signal.SIGTERM and slurm_time_limit_reached():
+        state = State.TIMEOUT
     for path in paths:
         if path in started:
             continue

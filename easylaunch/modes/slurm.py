@@ -99,7 +99,7 @@ class SlurmMode(Mode):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self._sacct_cache: Tuple[float, Dict[str, str]] = (0.0, {})
+        self._sacct_cache: Tuple[float, set, Dict[str, str]] = (0.0, set(), {})
         self._accounting: Optional[bool] = None
 
     # -- validation ------------------------------------------------------------------
@@ -308,10 +308,12 @@ class SlurmMode(Mode):
     def _query(self, jobs: Sequence[Job]) -> Dict[str, str]:
         """job id (``A_T``) -> Slurm state, from one sacct (or squeue) call."""
         now = time.monotonic()
-        cached_at, cached = self._sacct_cache
-        if now - cached_at < SACCT_MIN_INTERVAL and all(j.job_id in cached for j in jobs):
-            return cached
         array_ids = sorted({str(j.manifest["backend"]["array_job_id"]) for j in jobs})
+        cached_at, cached_ids, cached = self._sacct_cache
+        # at most one call per SACCT_MIN_INTERVAL for the same arrays, even while sacct lags
+        # behind (slurmdbd may not list a task yet: asking again at once would not help)
+        if now - cached_at < SACCT_MIN_INTERVAL and set(array_ids) <= cached_ids:
+            return cached
         since = min(float(j.manifest["backend"].get("submitted", time.time())) for j in jobs) - 120
         states: Dict[str, str] = {}
         if self._accounting is not False:
@@ -346,7 +348,7 @@ class SlurmMode(Mode):
             if self._accounting is False:
                 for job in jobs:  # gone from squeue: finished; only the status file can say how
                     states.setdefault(job.job_id, "GONE")
-        self._sacct_cache = (now, states)
+        self._sacct_cache = (now, set(array_ids), states)
         return states
 
     def poll(self, jobs: Sequence[Job]) -> Dict[Path, Optional[State]]:
@@ -357,9 +359,13 @@ class SlurmMode(Mode):
         out: Dict[Path, Optional[State]] = {}
         for job in jobs:
             if job._status.get("state") == State.PENDING and (job.run_dir / records.CANCEL_MARK).exists():
-                out[job.run_dir] = State.CANCELLED if states.get(job.job_id) not in ("RUNNING",) else None
-                if out[job.run_dir] is None:
-                    del out[job.run_dir]
+                if states.get(job.job_id) != "RUNNING":
+                    # cancelled before it started: no runner will ever record it, so say it here
+                    # (a packed task that starts later finds the CANCELLED record and skips it)
+                    job._status = records.write_status(
+                        job.run_dir, State.CANCELLED, ended=time.time(), message="cancelled before it started"
+                    )
+                    out[job.run_dir] = State.CANCELLED
                 continue
             slurm_state = states.get(job.job_id)
             if slurm_state is None or slurm_state in ACTIVE:
@@ -391,7 +397,7 @@ class SlurmMode(Mode):
             # otherwise the cancel marks stop just those runs inside the packed task
         if targets:
             _run(["scancel", *targets])
-        self._sacct_cache = (0.0, {})
+        self._sacct_cache = (0.0, set(), {})
 
 
 def _expand(job_field: str, state: str, out: Dict[str, str]) -> None:
