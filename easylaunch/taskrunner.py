@@ -173,7 +173,7 @@ def run_group(paths: List[Path], quiet: bool = False, max_requeue: int = 0) -> i
     """Run each payload of one task in a forked child; returns 0 when every run completed."""
     master = _Master()
     hook = make_checkpoint_hook(max_requeue)
-    _warm_up(paths)
+    _warm_up(paths, master)
     loaded: dict = {}
     requeue = False
     all_ok = True
@@ -188,6 +188,17 @@ def run_group(paths: List[Path], quiet: bool = False, max_requeue: int = 0) -> i
         if (run_dir / records.CANCEL_MARK).exists():
             records.write_status(
                 run_dir, State.CANCELLED, ended=time.time(), message="cancelled before it started"
+            )
+            all_ok = False
+            continue
+        if not _await_payload(path, master):
+            if master.stop is not None:
+                break
+            records.write_status(
+                run_dir,
+                State.FAILED,
+                ended=time.time(),
+                message=f"{path} was never written (the launch stopped before it finished)",
             )
             all_ok = False
             continue
@@ -250,10 +261,32 @@ def run_group(paths: List[Path], quiet: bool = False, max_requeue: int = 0) -> i
     return 0 if all_ok else 1
 
 
-def _warm_up(paths: List[Path]) -> None:
+#: seconds a task waits for a payload the launcher has not written yet (it submits first)
+PAYLOAD_WAIT = float(os.environ.get("EASYLAUNCH_PAYLOAD_WAIT", "300"))
+
+
+def _await_payload(path: Path, master: Optional["_Master"] = None) -> bool:
+    """True once ``path`` exists; False after PAYLOAD_WAIT seconds or on a stop signal.
+
+    The Slurm mode submits the array before it writes the payloads (so that every manifest
+    is written once, with its job id): a task that starts at once may be early.
+    """
+    deadline = time.monotonic() + PAYLOAD_WAIT
+    delay = 0.01
+    while not path.exists():
+        if time.monotonic() > deadline or (master is not None and master.stop is not None):
+            return False
+        time.sleep(delay)
+        delay = min(0.2, delay * 1.5)
+    return True
+
+
+def _warm_up(paths: List[Path], master: Optional["_Master"] = None) -> None:
     """Pay imports once: unpickle the first unfinished payload here, before forking runs."""
     for path in paths:
         if records.read_status(path.parent).get("state", State.PENDING) in (State.PENDING, State.RUNNING):
+            if not _await_payload(path, master):
+                return
             try:
                 load_payload_file(path)
             except BaseException:

@@ -367,6 +367,25 @@ def test_expected_duration_picks_variants_per_task(slurm):
     assert long.results(timeout=90) == [0, 1, 2, 3]
 
 
+def test_task_waits_for_a_payload_written_after_submission(slurm, monkeypatch):
+    """The array is submitted before the payloads are written: an early task waits for them."""
+    monkeypatch.setenv("EASYLAUNCH_PAYLOAD_WAIT", "4")  # exported by sbatch into the task
+    sweep = slurm.launch(
+        misbehave, [{"kind": "ok"}, {"kind": "ok"}, {"kind": "ok"}], hold=True, variants_per_task=3
+    )
+    late, missing = sweep[0].run_dir / "payload.pkl", sweep[2].run_dir / "payload.pkl"
+    late.rename(late.with_suffix(".later"))
+    missing.unlink()
+    sh("scontrol", "release", array_ids(sweep)[0])
+    wait_for(lambda: "RUNNING" in show_job(sweep[0].job_id).get("JobState", ""), 60, "the task to start")
+    time.sleep(1)
+    assert sweep[0].state is State.PENDING  # waiting for its payload, not failed
+    late.with_suffix(".later").rename(late)
+    sweep.wait(timeout=60)
+    assert sweep.states() == [State.COMPLETED, State.COMPLETED, State.FAILED]
+    assert "was never written" in records.read_status(sweep[2].run_dir)["message"]
+
+
 # -- state polling -----------------------------------------------------------------------------
 
 

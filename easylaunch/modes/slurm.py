@@ -219,7 +219,8 @@ class SlurmMode(Mode):
         store = batch.log_root / ".snapshots"
         store.mkdir(parents=True, exist_ok=True)
         self.prepare_code(batch, store)
-        batch.materialize()
+        # Submitted before the payloads are written, so that each manifest is written once,
+        # with its job id (a task that starts first waits for its payload: taskrunner).
         k = self.variants_per_task(batch)
         groups = [batch.runs[i : i + k] for i in range(0, len(batch.runs), k)]
         sweep_dir = batch.sweep_dir
@@ -271,12 +272,23 @@ class SlurmMode(Mode):
                     )
                 job_id = proc.stdout.strip().split(";")[0]
                 submitted.append((job_id, first, count))
+            submit_time = batch.created
+            batch.backend_common = {"submitted": submit_time, "slurm_config": name, "variants_per_task": k}
+            for job_id, first, count in submitted:
+                for task in range(count):
+                    for run in groups[first + task]:
+                        batch.backend[run.index] = {
+                            "job_id": f"{job_id}_{task}",
+                            "array_job_id": job_id,
+                            "array_task": task,
+                            "task_runs": len(groups[first + task]),
+                        }
+            batch.materialize()
         except BaseException:
             if submitted:
                 _run(["scancel", *[j for j, _, _ in submitted]])
             raise
         batch.started = True
-        submit_time = batch.created
         records.atomic_write_json(
             sweep_dir / "submission.json",
             {
@@ -286,23 +298,6 @@ class SlurmMode(Mode):
                 "submitted": submit_time,
             },
         )
-        for job_id, first, count in submitted:
-            for task in range(count):
-                for run in groups[first + task]:
-                    records.update_manifest(
-                        run.run_dir,
-                        {
-                            "backend": {
-                                "job_id": f"{job_id}_{task}",
-                                "array_job_id": job_id,
-                                "array_task": task,
-                                "task_runs": len(groups[first + task]),
-                                "submitted": submit_time,
-                                "slurm_config": name,
-                                "variants_per_task": k,
-                            }
-                        },
-                    )
 
     # -- state -------------------------------------------------------------------------
     def _query(self, jobs: Sequence[Job]) -> Dict[str, str]:
