@@ -69,8 +69,6 @@ PLANNED = {
     "gcp_kwargs": "gcp",
     "s3_log_prefix": "ec2",
     "s3_log_name": "ec2",
-    "time_in_mins": "sss, htp",
-    "slurm_config_name": "sss, htp",
 }
 
 

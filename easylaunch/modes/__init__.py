@@ -20,6 +20,8 @@ _REGISTRY: Dict[str, str] = {
     "local_pool": "easylaunch.modes.local_pool:LocalPoolMode",
     "slurm": "easylaunch.modes.slurm:SlurmMode",
     "slurm_singularity": "easylaunch.modes.slurm:SlurmSingularityMode",
+    "sss": "easylaunch.modes.sss:SssMode",
+    "htp": "easylaunch.modes.htp:HtpMode",
 }
 
 

@@ -1,0 +1,159 @@
+"""``htp``: a bundle for BRC's high-throughput ``ht_helper.sh`` (many small runs on one node).
+
+doodad's BrcHighThroughputMode: the launch submits nothing. It writes the runs' directories
+(state GENERATED) and a bundle (see :mod:`easylaunch.bundle`) whose ``jobs/taskfile.txt`` has
+one line per variant (``bash jobs/run_task.sh PAYLOAD``, which starts the runner on that one
+payload) and whose ``submit.sh`` submits ONE job sized for the tasks::
+
+    sbatch -N 1 -n min(runs, max_num_cores_per_node) --cpus-per-task=1 [account, partition,
+           time, qos ... of the Slurm config] jobs/htp.sbatch
+    # jobs/htp.sbatch: module load gcc openmpi; ht_helper.sh -m "MODULES" -t TASKFILE
+
+``module load`` is skipped where there is no ``module`` command. TASKFILE is the bundle's
+taskfile, or TASKFILE_PATH_ON_BRC when configured (submit.sh copies it there).
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import List
+
+from .. import __version__, bundle, records
+from ..batch import Batch
+from ..options import Option
+from ..slurm_config import SlurmConfig, SlurmConfigError, parse_time
+from ..templating import render
+from .sss import BUNDLE_OPTIONS, BundleMode, slurm_config
+
+
+def htp_directives(cfg: SlurmConfig) -> List[str]:
+    """The Slurm config's account, partition, time, qos, ... (not its node/cpu shape)."""
+    out: List[str] = []
+    if cfg.account_name:
+        out.append(f"--account={cfg.account_name}")
+    if cfg.partition:
+        out.append(f"--partition={cfg.partition}")
+    if cfg.time_in_mins is not None:
+        out.append(f"--time={parse_time(cfg.time_in_mins)}")
+    if cfg.qos:
+        out.append(f"--qos={cfg.qos}")
+    if cfg.n_gpus:
+        out.append(f"--gres={cfg.gres}" if cfg.gres else f"--gpus={cfg.n_gpus}")
+    elif cfg.gres:
+        out.append(f"--gres={cfg.gres}")
+    if cfg.mem:
+        out.append(f"--mem={cfg.mem}")
+    if cfg.constraint:
+        out.append(f"--constraint={cfg.constraint}")
+    out.extend(shlex.split(cfg.extra_flags))
+    return out
+
+
+class HtpMode(BundleMode):
+    name = "htp"
+    taskfile = True
+    options = (
+        *BUNDLE_OPTIONS,
+        Option("ht_helper_modules", (str,), "python/3.5", "modules ht_helper.sh loads for the tasks (-m)"),
+    )
+
+    def check_mode(self, batch: Batch, name: str, cfg: SlurmConfig) -> None:
+        if not cfg.max_num_cores_per_node:
+            raise SlurmConfigError(
+                f"mode 'htp' sizes its one job by the node: slurm config {name!r} needs "
+                "max_num_cores_per_node (cores of one node); set it in SLURM_CONFIGS or pass "
+                "slurm_options={'max_num_cores_per_node': 20}"
+            )
+        modules = batch.options.get("ht_helper_modules")
+        if modules is None or "\n" in modules:
+            raise ValueError(f"option ht_helper_modules={modules!r} must be one line, e.g. 'python/3.5'")
+
+    def launch(self, batch: Batch) -> None:
+        name, cfg = getattr(batch, "bundle_slurm", None) or slurm_config(self.settings, batch.options)
+        opts = batch.options
+        root, cluster, zips = self.start(batch)
+        n = len(batch.runs)
+        ntasks = max(1, min(n, int(cfg.max_num_cores_per_node or n)))
+        batch.backend_common = {
+            "bundle": str(root),
+            "bundle_name": bundle.bundle_name(batch),
+            "slurm_config": name,
+            "ht_helper_ntasks": ntasks,
+        }
+        for run in batch.runs:
+            batch.backend[run.index] = {"taskfile_line": run.index + 1}
+        batch.materialize()
+        self.finish(batch, root)
+        exp = batch.exp_name
+        # one runner command per line, paths relative to the bundle (the job runs ht_helper.sh
+        # from there) unless the cluster paths are configured
+        if cluster.bundle:
+            task = shlex.quote(f"{cluster.bundle}/{bundle.JOBS}/run_task.sh")
+        else:
+            task = f"{bundle.JOBS}/run_task.sh"
+        if cluster.logs:
+            base = f"{cluster.logs}/{exp}"
+        elif cluster.bundle:
+            base = f"{cluster.bundle}/{bundle.LOGS}/{exp}"
+        else:
+            base = f"{bundle.LOGS}/{exp}"
+        lines = [f"bash {task} {shlex.quote(f'{base}/{r.name}/{records.PAYLOAD}')}\n" for r in batch.runs]
+        bundle.write_file(root / bundle.JOBS / "taskfile.txt", "".join(lines))
+        runner = bundle.make_runner(self.settings, opts, zips, cluster)
+        directives = htp_directives(cfg)
+        modules = str(opts.get("ht_helper_modules"))
+        common = dict(
+            version=__version__,
+            exp_name=exp,
+            batch_id=batch.batch_id,
+            n_runs=n,
+            cluster=cluster,
+            runner=runner,
+        )
+        bundle.write_file(
+            root / bundle.JOBS / "htp.sbatch",
+            render(
+                "htp_job.sh.j2",
+                job_name=exp[:100],
+                ntasks=ntasks,
+                signal_seconds=int(opts.get("signal_before_timeout") or 90),
+                directives=directives,
+                modules=modules,
+                **common,
+            ),
+            0o755,
+        )
+        bundle.write_file(root / bundle.JOBS / "run_task.sh", render("htp_task.sh.j2", **common), 0o755)
+        taskfile = cluster.taskfile or f"{bundle.JOBS}/taskfile.txt"
+        wrap = f"module load gcc openmpi; ht_helper.sh -m {shlex.quote(modules)} -t {shlex.quote(taskfile)}"
+        sbatch_line = " ".join(
+            ["-N", "1", "-n", str(ntasks), "--cpus-per-task=1", *map(shlex.quote, directives)]
+            + ["--wrap=" + shlex.quote(wrap)]
+        )
+        submit = render(
+            "htp_submit.sh.j2",
+            ntasks=ntasks,
+            sbatch_line=sbatch_line,
+            python_minor=bundle.python_version(),
+            **common,
+        )
+        readme = self.readme_common(batch, runner, cluster)
+        readme.update(
+            ntasks=ntasks,
+            modules=modules,
+            slurm_config_name=name,
+            directives=[
+                shlex.quote(d) for d in ["--nodes=1", f"--ntasks={ntasks}", "--cpus-per-task=1", *directives]
+            ],
+            sbatch_line=sbatch_line,
+        )
+        bundle.write_common(
+            batch,
+            root,
+            self.name,
+            cluster,
+            readme,
+            submit,
+            extra={"slurm_config": name, "ht_helper_ntasks": ntasks, "ht_helper_modules": modules},
+        )
+        bundle.announce(root, n, self.name)

@@ -1,0 +1,231 @@
+"""``sss``: write a self-contained bundle of Slurm array job scripts for a cluster easylaunch cannot reach.
+
+doodad's "script slurm singularity" workflow: the launch submits nothing. It writes the runs'
+directories (state GENERATED) and a bundle (see :mod:`easylaunch.bundle`) to copy to the
+cluster and submit there with ``bash submit.sh``. A sweep is one array job (split every
+``max_array_size`` tasks); ``variants_per_task=k`` packs k variants into one array task run by
+a warm runner, as in mode ``slurm``. The runner is the cluster's ``python3`` (option
+``python``), or runs inside ``singularity exec IMAGE`` when SSS_CPU_IMAGE / SSS_GPU_IMAGE (by
+``use_gpu``) or ``singularity_image=`` is set. Results come back with ``easylaunch collect``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .. import __version__, bundle, records
+from ..batch import Batch
+from ..job import Job
+from ..options import Option
+from ..slurm_config import SlurmConfig, parse_time, resolve_slurm_config
+from ..spec import State
+from ..templating import render
+from .base import Mode
+
+BUNDLE_OPTIONS = (
+    Option("slurm_config_name", (str,), None, "key of SLURM_CONFIGS (default: 'gpu'/'cpu' by use_gpu)"),
+    Option(
+        "time_in_mins", (int, float, str), None, "time limit: minutes or 'HH:MM:SS' (overrides the config)"
+    ),
+    Option("slurm_options", (dict,), None, "SlurmConfig fields overriding the named config"),
+    Option(
+        "singularity_image",
+        (str,),
+        None,
+        "image path on the cluster (default: SSS_GPU_IMAGE/SSS_CPU_IMAGE by use_gpu; '' for none)",
+    ),
+    Option("python", (str,), "python3", "the cluster's Python (the launcher's minor version)"),
+    Option("signal_before_timeout", (int,), 90, "seconds before the time limit to signal the runner (USR2)"),
+    Option("skip_wait", (bool,), True, "accepted for doodad scripts; nothing runs at launch"),
+)
+
+
+def slurm_config(settings, options: dict) -> Tuple[str, SlurmConfig]:
+    """The named SlurmConfig with the call's overrides (unknown names list the known ones)."""
+    overrides = dict(options.get("slurm_options") or {})
+    if options.get("time_in_mins") is not None:
+        overrides["time_in_mins"] = parse_time(options["time_in_mins"])
+    return resolve_slurm_config(
+        settings.get("SLURM_CONFIGS") or {},
+        options.get("slurm_config_name"),
+        bool(options.get("use_gpu")),
+        overrides,
+    )
+
+
+class BundleMode(Mode):
+    """Shared by ``sss`` and ``htp``: validation, code shipping, GENERATED states, local cancel."""
+
+    poll_interval = 5.0
+    taskfile = False
+
+    def check(self, batch: Batch) -> None:
+        name, cfg = slurm_config(self.settings, batch.options)
+        opts = batch.options
+        for key in ("variants_per_task", "max_parallel", "max_array_size", "signal_before_timeout"):
+            value = opts.get(key)
+            if value is not None and value < 1:
+                raise ValueError(f"option {key}={value!r} must be a positive integer")
+        if opts.get("max_requeue") is not None and opts["max_requeue"] < 0:
+            raise ValueError(f"option max_requeue={opts['max_requeue']!r} must be 0 or more")
+        bundle.check_common(self.settings, batch)
+        bundle.cluster_paths(self.settings, batch, taskfile=self.taskfile)  # validates the config paths
+        batch.bundle_slurm = (name, cfg)  # type: ignore[attr-defined]
+        self.check_mode(batch, name, cfg)
+
+    def check_mode(self, batch: Batch, name: str, cfg: SlurmConfig) -> None:
+        """Mode-specific validation (before anything is written)."""
+
+    def start(self, batch: Batch) -> Tuple[Path, bundle.ClusterPaths, List[str]]:
+        """Bundle dir, cluster paths, and the code shipped (PYTHONPATH zips)."""
+        cluster = bundle.cluster_paths(self.settings, batch, taskfile=self.taskfile)
+        root = batch.sweep_dir
+        (root / bundle.JOBS).mkdir(parents=True, exist_ok=True)
+        zips = bundle.prepare_code(batch, root)
+        return root, cluster, zips
+
+    def finish(self, batch: Batch, root: Path) -> None:
+        bundle.mark_generated(batch, root)
+        bundle.write_bundle_runs(batch, root)
+
+    def readme_common(self, batch: Batch, runner: bundle.Runner, cluster: bundle.ClusterPaths) -> dict:
+        import cloudpickle
+
+        shown = cluster.bundle or f"easylaunch-bundles/{bundle.bundle_name(batch)}"
+        if runner.image:
+            runner_shown = f"singularity exec ... {runner.image} {runner.python} -m easylaunch.runner"
+        else:
+            runner_shown = f"{runner.python} -m easylaunch.runner"
+        return {
+            "image": runner.image,
+            "python_cmd": runner.python,
+            "pre_cmds": runner.pre_cmds,
+            "cloudpickle_version": cloudpickle.__version__,
+            "cluster_bundle_shown": shown,
+            "logs_shown": cluster.logs or f"{shown}/logs",
+            "runner_shown": runner_shown,
+        }
+
+    # -- after launch ----------------------------------------------------------------
+    def poll(self, jobs: Sequence[Job]) -> Dict[Path, Optional[State]]:
+        return {}  # only `easylaunch collect` brings news from the cluster
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """Mark the local runs CANCELLED: easylaunch cannot reach the cluster to stop anything."""
+        for job in jobs:
+            status = records.read_status(job.run_dir)
+            if status.get("state") in (State.GENERATED, State.PENDING, State.RUNNING):
+                where = (job.manifest.get("backend") or {}).get("bundle", "its bundle")
+                records.write_status(
+                    job.run_dir,
+                    State.CANCELLED,
+                    message=(
+                        "cancelled here only: easylaunch cannot reach the cluster; if the bundle "
+                        f"{where} was submitted, scancel its job there"
+                    ),
+                )
+
+    def fetch(self, jobs: Sequence[Job]) -> None:
+        """Nothing to fetch: copy the results back and run ``easylaunch collect``."""
+
+
+class SssMode(BundleMode):
+    name = "sss"
+    options = (
+        *BUNDLE_OPTIONS,
+        Option("variants_per_task", (int,), None, "variants run one after another in one array task"),
+        Option("max_parallel", (int,), None, "array concurrency limit (%k)"),
+        Option(
+            "max_array_size", (int,), 1000, "array tasks per sbatch script (the cluster's MaxArraySize - 1)"
+        ),
+        Option("max_requeue", (int,), 3, "requeues allowed for checkpointable functions"),
+    )
+
+    def launch(self, batch: Batch) -> None:
+        name, cfg = getattr(batch, "bundle_slurm", None) or slurm_config(self.settings, batch.options)
+        opts = batch.options
+        root, cluster, zips = self.start(batch)
+        k = int(opts.get("variants_per_task") or 1)
+        chunk = int(opts.get("max_array_size") or 1000)
+        n = len(batch.runs)
+        groups = [batch.runs[i : i + k] for i in range(0, n, k)]
+        scripts = [f"{bundle.JOBS}/sss_{first:06d}.sbatch" for first in range(0, len(groups), chunk)]
+        batch.backend_common = {
+            "bundle": str(root),
+            "bundle_name": bundle.bundle_name(batch),
+            "slurm_config": name,
+            "variants_per_task": k,
+        }
+        for g, group in enumerate(groups):
+            for run in group:
+                batch.backend[run.index] = {
+                    "array_script": scripts[g // chunk],
+                    "array_task": g % chunk,
+                    "task_runs": len(group),
+                }
+        batch.materialize()
+        self.finish(batch, root)
+        exp = batch.exp_name
+        if cluster.logs:
+            paths = [[f"{cluster.logs}/{exp}/{r.name}/{records.PAYLOAD}" for r in g] for g in groups]
+        else:
+            paths = [[f"../{bundle.LOGS}/{exp}/{r.name}/{records.PAYLOAD}" for r in g] for g in groups]
+        records.atomic_write_json(
+            root / bundle.JOBS / "tasks.json",
+            {"groups": paths, "max_requeue": int(opts.get("max_requeue") or 0)},
+        )
+        runner = bundle.make_runner(self.settings, opts, zips, cluster)
+        limit = opts.get("max_parallel")
+        directives = cfg.directives()
+        for i, first in enumerate(range(0, len(groups), chunk)):
+            count = min(chunk, len(groups) - first)
+            text = render(
+                "sss_array.sh.j2",
+                version=__version__,
+                exp_name=exp,
+                batch_id=batch.batch_id,
+                first_group=first,
+                last_group=first + count - 1,
+                n_runs=n,
+                job_name=exp[:100],
+                array_spec=f"0-{count - 1}" + (f"%{limit}" if limit else ""),
+                signal_seconds=int(opts.get("signal_before_timeout") or 90),
+                requeue=bool(opts.get("max_requeue")),
+                directives=directives,
+                cluster=cluster,
+                runner=runner,
+                offset=first,
+            )
+            bundle.write_file(root / scripts[i], text, 0o755)
+        submit = render(
+            "sss_submit.sh.j2",
+            version=__version__,
+            exp_name=exp,
+            batch_id=batch.batch_id,
+            n_runs=n,
+            scripts=scripts,
+            cluster=cluster,
+            runner=runner,
+            python_minor=bundle.python_version(),
+        )
+        readme = self.readme_common(batch, runner, cluster)
+        readme.update(
+            n_scripts=len(scripts),
+            n_groups=len(groups),
+            variants_per_task=k,
+            max_parallel=limit,
+            slurm_config_name=name,
+            directives=[shlex.quote(d) for d in directives],
+        )
+        bundle.write_common(
+            batch,
+            root,
+            self.name,
+            cluster,
+            readme,
+            submit,
+            extra={"scripts": scripts, "slurm_config": name, "variants_per_task": k},
+        )
+        bundle.announce(root, n, self.name)
