@@ -8,6 +8,7 @@ easylaunch result RUN
 easylaunch cancel RUN|EXP
 easylaunch relaunch RUN [--mode MODE]
 easylaunch init [PATH] [--force]
+easylaunch collect DIR         # runs copied back from a cluster (sss/htp bundles) -> the log dir
 """
 
 from __future__ import annotations
@@ -245,6 +246,43 @@ def render_config_example() -> str:
     return "\n".join(lines)
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .bundle import by_target, collect_runs
+
+    seen = by_target(collect_runs(Path(args.dir), getattr(args, "log_dir", None)))
+    jobs = [Job(t) for t in seen]
+    refresh_states(jobs)
+    console = _console()
+    table = Table(title=f"collected from {args.dir} ({len(jobs)} runs)")
+    for col in ("run", "experiment", "state", "action"):
+        table.add_column(col, overflow="fold")
+    limit = 200
+    for job, c in list(zip(jobs, seen.values()))[:limit]:
+        st = job._state
+        table.add_row(
+            job.run_dir.name,
+            job.run_dir.parent.name,
+            f"[{STATE_STYLE.get(st, 'white')}]{st.value}[/]",
+            c.action,
+        )
+    console.print(table)
+    if len(jobs) > limit:
+        print(f"... and {len(jobs) - limit} more")
+    states = Counter(j._state.value for j in jobs)
+    actions = Counter(c.action for c in seen.values())
+    print(
+        "states: "
+        + " ".join(f"{k.lower()}={v}" for k, v in sorted(states.items()))
+        + "; "
+        + " ".join(f"{k.replace(' ', '_')}={v}" for k, v in sorted(actions.items()))
+    )
+    roots = sorted({str(t.parent.parent) for t in seen})
+    print("log dir: " + ", ".join(roots) + " (see `easylaunch ls EXP`)")
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.path).expanduser() if args.path else Path.home() / ".config/easylaunch/config.py"
     if path.exists() and not args.force:
@@ -284,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--mode")
     p.set_defaults(func=cmd_relaunch)
+    p = sub.add_parser(
+        "collect", help="merge run directories copied back from a cluster (sss/htp bundles) into the log dir"
+    )
+    p.add_argument("dir", help="what came back: a bundle, its logs/ dir, an experiment dir or run dirs")
+    p.set_defaults(func=cmd_collect)
     p = sub.add_parser("init", help="write a documented config file")
     p.add_argument("path", nargs="?")
     p.add_argument("--force", action="store_true")
