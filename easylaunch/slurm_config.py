@@ -4,7 +4,7 @@ doodad's SlurmConfig fields plus mem, qos, constraint and gres; named configs co
 SLURM_CONFIGS setting, chosen by ``slurm_config_name``, else ``gpu``/``cpu`` by ``use_gpu``::
 
     cfg = SlurmConfig(partition="debug", time_in_mins=30, n_cpus_per_task=2, mem="4G")
-    cfg.directives()   # ['--partition=debug', '--time=30', '--cpus-per-task=2', '--mem=4G', ...]
+    cfg.directives()   # ['--partition=debug', '--time=30', '--nodes=1', '--cpus-per-task=2', '--mem=4G']
 """
 
 from __future__ import annotations
@@ -134,11 +134,20 @@ class SlurmConfig:
                 f"{where}: extra_flags={self.extra_flags!r} cannot be parsed: {exc}"
             ) from None
         for tok in tokens:
-            if "\n" in tok or not tok.strip():
+            if "\n" in tok or not tok.strip() or '"' in tok:
                 raise SlurmConfigError(f"{where}: extra_flags token {tok!r} is not allowed")
+        if tokens and not tokens[0].startswith("-"):
+            raise SlurmConfigError(
+                f"{where}: extra_flags={self.extra_flags!r} must start with an sbatch flag (e.g. '--qos normal')"
+            )
 
     def directives(self, time_in_mins: Optional[int] = None) -> List[str]:
-        """sbatch options, one token each (``--flag=value``), in a stable order."""
+        """sbatch options, one ``#SBATCH`` line each, in a stable order.
+
+        extra_flags are grouped per flag (``--qos normal`` stays one line: a value on a
+        ``#SBATCH`` line of its own is an invalid directive) and values with spaces are
+        double-quoted, the only quoting ``#SBATCH`` lines understand.
+        """
         out: List[str] = []
         if self.account_name:
             out.append(f"--account={self.account_name}")
@@ -159,8 +168,24 @@ class SlurmConfig:
             out.append(f"--qos={self.qos}")
         if self.constraint:
             out.append(f"--constraint={self.constraint}")
-        out.extend(shlex.split(self.extra_flags))
+        groups: List[List[str]] = []
+        for tok in shlex.split(self.extra_flags):
+            if tok.startswith("-") and not re.match(r"^-\d", tok) or not groups:
+                groups.append([tok])
+            else:
+                groups[-1].append(tok)
+        out.extend(" ".join(_sbatch_quote(t) for t in group) for group in groups)
         return out
+
+
+def _sbatch_quote(token: str) -> str:
+    """``--comment=two words`` -> ``--comment="two words"`` (how #SBATCH lines take spaces)."""
+    if not re.search(r"\s", token):
+        return token
+    if token.startswith("-") and "=" in token:
+        flag, value = token.split("=", 1)
+        return f'{flag}="{value}"'
+    return f'"{token}"'
 
 
 def resolve_slurm_config(
