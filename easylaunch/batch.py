@@ -126,13 +126,18 @@ class Batch:
             raise RuntimeError(f"could not create unique run directories in {self.exp_dir}")
         status = records.initial_status(State.PENDING, host=records.hostname())
         status_bytes = json.dumps(status, indent=1, sort_keys=True).encode() + b"\n"
-        for i, (run_dir, variant) in enumerate(zip(made, self.variants)):
+
+        def write_run(run: RunSpec) -> None:
             # atomic: readers (Job, `easylaunch ls`) may scan the exp dir while we launch
             records.atomic_write_bytes(
-                run_dir / records.VARIANT, json.dumps(variant, indent=1, default=repr).encode() + b"\n"
+                run.run_dir / records.VARIANT,
+                json.dumps(run.variant, indent=1, default=repr).encode() + b"\n",
             )
-            records.atomic_write_bytes(run_dir / records.STATUS, status_bytes)
-            self.runs.append(RunSpec(i, run_dir, variant, self.variant_blobs[i]))
+            records.atomic_write_bytes(run.run_dir / records.STATUS, status_bytes)
+
+        runs = [RunSpec(i, d, v, self.variant_blobs[i]) for i, (d, v) in enumerate(zip(made, self.variants))]
+        self.runs.extend(runs)
+        _for_each(runs, write_run)
 
     def remove_dirs(self) -> None:
         """Undo :meth:`create_dirs` after a failed submission: no half-made state is left."""
@@ -178,7 +183,8 @@ class Batch:
             common_entries = _json_entries(self._manifest_common())
             patches = patch_files(self.git_infos)
             first_git_dir: Optional[Path] = None
-            for run in self.runs:
+
+            def write_run(run: RunSpec) -> None:
                 data = build_payload(
                     self.fn_blob,
                     run.variant_blob,
@@ -199,7 +205,6 @@ class Batch:
                                 os.link(first_git_dir / name, target)
                             except OSError:
                                 shutil.copyfile(first_git_dir / name, target)
-                    first_git_dir = first_git_dir or git_dir
                 entries = dict(common_entries)
                 entries.update(
                     _json_entries(
@@ -213,6 +218,12 @@ class Batch:
                     )
                 )
                 records.atomic_write_bytes(run.run_dir / records.MANIFEST, _json_join(entries))
+
+            if self.runs:
+                # the first run writes the patch files, the others hard-link them
+                write_run(self.runs[0])
+                first_git_dir = self.runs[0].run_dir / records.GIT_DIR
+                _for_each(self.runs[1:], write_run)
             self._materialized = True
 
     def _manifest_common(self) -> dict:
@@ -258,6 +269,31 @@ def _scrub_secrets(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_scrub_secrets(v) for v in value)
     return value
+
+
+#: batches at least this large write their run directories from several threads
+_PARALLEL_MIN = 64
+_PARALLEL_THREADS = 4
+
+
+def _for_each(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
+    """``work(run)`` for every run; large batches on a few threads. Creating files is mostly
+    kernel time that runs outside the GIL, and on some filesystems (ext4 without a journal
+    after many deletions) each new inode costs up to milliseconds."""
+    if len(runs) < _PARALLEL_MIN:
+        for run in runs:
+            work(run)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def chunk(part: List[RunSpec]) -> None:
+        for run in part:
+            work(run)
+
+    with ThreadPoolExecutor(_PARALLEL_THREADS, thread_name_prefix="easylaunch-write") as pool:
+        futures = [pool.submit(chunk, runs[i::_PARALLEL_THREADS]) for i in range(_PARALLEL_THREADS)]
+    for future in futures:
+        future.result()  # the first failure, after every thread stopped
 
 
 def _json_entries(obj: Dict[str, Any]) -> Dict[str, str]:
