@@ -27,7 +27,7 @@ from easylaunch import Job, JobError, State, load_experiment, records, run_sweep
 from easylaunch.bundle import BundleError, collect
 from easylaunch.slurm_config import SlurmConfigError
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore:not in a git repository")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:not in a git repository")]
 
 HERE = Path(__file__).resolve().parent
 TEST_BIN = HERE / "bin"
@@ -127,7 +127,7 @@ def submit(bundle: Path, env: dict, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def wait_states(run_dirs, timeout: float = 120.0) -> dict:
+def wait_states(run_dirs, timeout: float = 180.0) -> dict:
     """Poll status.json files until every run is terminal."""
     deadline = time.monotonic() + timeout
     while True:
@@ -135,7 +135,8 @@ def wait_states(run_dirs, timeout: float = 120.0) -> dict:
         if all(s in TERMINAL for s in states.values()):
             return states
         if time.monotonic() > deadline:
-            raise AssertionError(f"runs not finished after {timeout} s: {states}")
+            queue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
+            raise AssertionError(f"runs not finished after {timeout} s: {states}\nsqueue:\n{queue}")
         time.sleep(0.5)
 
 
@@ -359,7 +360,7 @@ def test_sss_bundle_in_apptainer_image(tmp_path, log_dir):
     cluster = ship(bundle, tmp_path / "cluster" / "i", project)
     submit(cluster, {})
     runs = [cluster / "logs" / exp / j.run_dir.name for j in jobs]
-    states = wait_states(runs, timeout=150)
+    states = wait_states(runs)
     assert set(states.values()) == {"COMPLETED"}, [(d, records.read_status(d)) for d in runs]
     sweep = collect(cluster)
     results = sweep.results()
