@@ -367,6 +367,8 @@ def test_sss_bundle_in_apptainer_image(tmp_path, log_dir):
     assert sorted(r["y"] for r in results) == [10, 20, 30]
     assert {r["pre"] for r in results} == {"container"}  # SSS_PRE_CMDS ran inside the image
     assert all(r["python"].startswith("/usr/bin/python3") for r in results)
+    # whatever cloudpickle the image has, the runner used the launcher's, from the bundle
+    assert all(".snapshots/cloudpickle-" in r["cloudpickle"] for r in results)
 
 
 # -- bad input: refused before anything is written ------------------------------------------------
