@@ -145,6 +145,11 @@ class Batch:
             shutil.rmtree(run.run_dir, ignore_errors=True)
         shutil.rmtree(self.sweep_dir, ignore_errors=True)
         self.runs = []
+        for empty in (self.sweep_dir.parent, self.exp_dir):  # made by this launch, now empty
+            try:
+                empty.rmdir()
+            except OSError:
+                pass
 
     # -- payloads and manifests ----------------------------------------------------------
     def code_dirs(self) -> List[str]:
