@@ -295,19 +295,41 @@ def _warm_up(paths: List[Path], master: Optional["_Master"] = None) -> None:
 
 
 def _wait_child(pid: int, run_dir: Path, master: _Master) -> int:
+    """Reap the run's process as soon as it exits; meanwhile check its cancel mark (every 0.2 s).
+
+    Waits on a pidfd where there is one (Linux >= 5.3): a short run is reaped at once, not at
+    the next tick (a fixed 0.2 s sleep cost 0.2 s per packed run). Elsewhere the sleep grows
+    from 1 ms to 0.2 s.
+    """
+    import select
+
     mark = run_dir / records.CANCEL_MARK
     cancelled = False
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return 1
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if not cancelled and mark.exists():
-            cancelled = True
-            os.kill(pid, signal.SIGTERM)
-        time.sleep(0.2)
+    pidfd: Optional[int] = None
+    try:
+        pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        pidfd = None
+    delay = 0.001
+    try:
+        while True:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return 1
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if not cancelled and mark.exists():
+                cancelled = True
+                os.kill(pid, signal.SIGTERM)
+            if pidfd is not None:
+                select.select([pidfd], [], [], 0.2)
+            else:
+                time.sleep(delay)
+                delay = min(0.2, delay * 2)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _settle_unstarted(paths: List[Path], started: dict, signum: int, requeue: bool) -> None:

@@ -45,7 +45,7 @@ SLURM_CONFIGS = {
         "n_nodes": 1,
         "mem": "64M",
         "qos": "normal",
-        "extra_flags": "--comment=easylaunch-test --nice=5",
+        "extra_flags": "--comment 'easylaunch test' --nice=5",  # doodad style: flag, space, value
     },
     "gpu": {"partition": "short", "n_gpus": 1, "time_in_mins": 5},
     "nopart": {"partition": "nosuchpartition"},
@@ -266,7 +266,8 @@ def test_named_config_directives_reach_slurm(slurm):
     assert info["NumCPUs"] == "2" and info["NumNodes"] in ("1", "1-1")
     assert "mem=64M" in info["TRES"]
     assert info["QOS"] == "normal" and info["Account"] == "root"
-    assert info["Comment"] == "easylaunch-test"
+    assert info["Comment"] == "easylaunch"  # `scontrol -o` splits at spaces: see the full value below
+    assert "Comment=easylaunch test " in sh("scontrol", "show", "job", job_id)
     assert info["Nice"] == "5"
     assert info["Priority"] == "0" and info["JobState"] == "PENDING"  # held
     assert info["ArrayTaskId"] == "0-1%1"

@@ -61,6 +61,9 @@ ACTIVE = {
 }
 _PATH_OK = re.compile(r"^[^\s'\"\\$`]+$")
 SACCT_MIN_INTERVAL = 5.0
+#: the interval grows with the age of the sweep (a quarter of it), up to this: runs report
+#: through their status files, sacct is only needed for tasks that died without a record
+SACCT_MAX_INTERVAL = 60.0
 
 
 class SubmitError(RuntimeError):
@@ -305,11 +308,13 @@ class SlurmMode(Mode):
         now = time.monotonic()
         array_ids = sorted({str(j.manifest["backend"]["array_job_id"]) for j in jobs})
         cached_at, cached_ids, cached = self._sacct_cache
-        # at most one call per SACCT_MIN_INTERVAL for the same arrays, even while sacct lags
-        # behind (slurmdbd may not list a task yet: asking again at once would not help)
-        if now - cached_at < SACCT_MIN_INTERVAL and set(array_ids) <= cached_ids:
+        submitted = min(float(j.manifest["backend"].get("submitted", time.time())) for j in jobs)
+        # at most one call per interval for the same arrays, even while sacct lags behind
+        # (slurmdbd may not list a task yet: asking again at once would not help)
+        interval = min(SACCT_MAX_INTERVAL, max(SACCT_MIN_INTERVAL, 0.25 * (time.time() - submitted)))
+        if now - cached_at < interval and set(array_ids) <= cached_ids:
             return cached
-        since = min(float(j.manifest["backend"].get("submitted", time.time())) for j in jobs) - 120
+        since = submitted - 120
         states: Dict[str, str] = {}
         if self._accounting is not False:
             proc = _run(
