@@ -267,7 +267,7 @@ class _Progress:
             self.bar.stop()
 
 
-#: a poll is followed by a pause of at least this many times its own duration
+#: a poll is followed by a pause of at least this many times the CPU time it took
 _POLL_SPACING = 20
 
 
@@ -288,7 +288,7 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
     # Status files (only the unfinished ones are re-read) are polled often at first, so that a
     # short run is seen as soon as it ends; the pace is kept while runs keep finishing and
     # slows down gently (x1.25 per idle poll) up to the mode's poll_interval, and reading
-    # never takes more than about 1/_POLL_SPACING of the time (the runs need the CPU). The
+    # never takes more than about 1/_POLL_SPACING of a CPU (the runs need it). The
     # backend (process liveness, sacct) is asked once per poll_interval, or less often when
     # its answer takes long.
     max_interval = max(getattr(j.mode, "poll_interval", 1.0) for j in jobs[:1])
@@ -300,6 +300,7 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
         pending = list(jobs)
         while True:
             began = time.monotonic()
+            began_cpu = time.thread_time()  # CPU time: a poll preempted by the runs is not slow
             ask_backend = began >= backend_due
             refresh_states(pending, backend=ask_backend)
             still = [j for j in pending if j._state not in TERMINAL_STATES]
@@ -312,10 +313,11 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
             if not pending:
                 return
             now = time.monotonic()
+            cost = time.thread_time() - began_cpu
             if ask_backend:
-                backend_due = now + max(max_interval, _POLL_SPACING * (now - began))
+                backend_due = now + max(max_interval, _POLL_SPACING * cost)
             else:
-                scan_cost = now - began
+                scan_cost = cost
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"{len(pending)} of {len(jobs)} run(s) still unfinished after {timeout} s")
             if not progressed:
