@@ -147,6 +147,18 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def file_create_cost(directory: Path, n: int = 200) -> float:
+    """Seconds per new file (exclusive create) in ``directory``: the filesystem's state.
+
+    On ext4 without a journal, inode allocation skips (one by one) the inodes freed in the
+    last minutes, so this grows after large deletions; a run creates ~11 files."""
+    directory.mkdir()
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(directory / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - t0) / n
+
+
 def submitit_rate(n: int, folder: Path) -> float:
     import submitit
 
@@ -195,6 +207,7 @@ def main() -> int:
         # warm-up (imports, page cache), not counted
         sweep_once("local_pool", 20, logs, repo, "b2warm")
 
+        create_before = file_create_cost(logs / "fs-probe-before")
         pool_runs = []
         for r in range(repeat):
             pool_runs.append(sweep_once("local_pool", n, logs, repo, f"b2pool{r}", probe=(r == repeat - 1)))
@@ -219,6 +232,7 @@ def main() -> int:
         assert not bad, f"{bad} run directories incomplete"
         pool_rate = median([r["rate"] for r in pool_runs])
         fork_secs, fork_rss = fork_cycle(), rss_mb()  # this process is about the supervisor's size
+        create_after = file_create_cost(logs / "fs-probe-after")
 
         t = time.time()
         sub_rate = submitit_rate(n_sub, root / "submitit")
@@ -268,6 +282,10 @@ def main() -> int:
         where.add(
             f"  fork + exit + reap of a {fork_rss:.0f} MB process like the supervisor (1 slot)",
             f"{fork_secs * 1000:.2f} ms",
+        )
+        where.add(
+            "  creating one file in the log dir (a run creates ~11): before / after the sweeps",
+            f"{create_before * 1e6:.0f} / {create_after * 1e6:.0f} us",
         )
         where.print()
     return 0
