@@ -276,17 +276,33 @@ def _scrub_secrets(value: Any) -> Any:
     return value
 
 
-#: batches at least this large write their run directories from several threads
+#: large batches write their run directories from several threads when the filesystem is slow:
+#: the first _PARALLEL_PROBE runs are written in order and timed, the rest go to
+#: _PARALLEL_THREADS threads if a run took more than _PARALLEL_SLOW seconds
 _PARALLEL_MIN = 64
+_PARALLEL_PROBE = 32
+_PARALLEL_SLOW = 0.0004
 _PARALLEL_THREADS = 4
 
 
 def _for_each(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
-    """``work(run)`` for every run; large batches on a few threads. Creating files is mostly
-    kernel time that runs outside the GIL, and on some filesystems (ext4 without a journal
-    after many deletions) each new inode costs up to milliseconds."""
+    """``work(run)`` for every run; for large batches on a slow filesystem, on a few threads.
+
+    Creating a file is kernel time outside the GIL, and on some filesystems (ext4 without a
+    journal, after many deletions) each new inode costs up to a millisecond; when files are
+    cheap, threads only add GIL hand-offs, so they are used only once the first runs show that
+    the filesystem is slow.
+    """
     if len(runs) < _PARALLEL_MIN:
         for run in runs:
+            work(run)
+        return
+    began = time.perf_counter()
+    for run in runs[:_PARALLEL_PROBE]:
+        work(run)
+    rest = runs[_PARALLEL_PROBE:]
+    if (time.perf_counter() - began) / _PARALLEL_PROBE < _PARALLEL_SLOW:
+        for run in rest:
             work(run)
         return
     from concurrent.futures import ThreadPoolExecutor
@@ -296,15 +312,21 @@ def _for_each(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
             work(run)
 
     with ThreadPoolExecutor(_PARALLEL_THREADS, thread_name_prefix="easylaunch-write") as pool:
-        futures = [pool.submit(chunk, runs[i::_PARALLEL_THREADS]) for i in range(_PARALLEL_THREADS)]
+        futures = [pool.submit(chunk, rest[i::_PARALLEL_THREADS]) for i in range(_PARALLEL_THREADS)]
     for future in futures:
         future.result()  # the first failure, after every thread stopped
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 def _json_entries(obj: Dict[str, Any]) -> Dict[str, str]:
     """Each top-level entry of ``obj`` as :func:`records.atomic_write_json` would write it."""
     out = {}
     for key, value in obj.items():
+        if type(value) in _JSON_SCALARS:  # indent does not change a scalar: the C encoder will do
+            out[key] = f" {json.dumps(key)}: {json.dumps(value)}"
+            continue
         text = json.dumps({key: value}, indent=1, sort_keys=True, default=repr)
         out[key] = text[2:-2]  # '{\n "key": value\n}' -> ' "key": value'
     return out
