@@ -19,8 +19,8 @@ it created.
 from __future__ import annotations
 
 import inspect
-import sys
 import re
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -112,10 +112,13 @@ def _launch(batch: Batch, mode_obj: Any) -> Sweep:
         if not batch.started:
             batch.remove_dirs()
         raise
-    jobs = Sweep(Job(run.run_dir, mode_obj) for run in batch.runs)
+    jobs = Sweep(Job(run.run_dir, mode_obj, _resolved=True) for run in batch.runs)  # log_root is resolved
     if batch.options.get("verbose"):
-        print(f"easylaunch: {len(jobs)} run(s) of {batch.exp_name!r} on mode {batch.mode_name!r} "
-              f"in {batch.exp_dir} (first: {jobs[0].run_dir.name}, job id {jobs[0].job_id})", file=sys.stderr)
+        print(
+            f"easylaunch: {len(jobs)} run(s) of {batch.exp_name!r} on mode {batch.mode_name!r} "
+            f"in {batch.exp_dir} (first: {jobs[0].run_dir.name}, job id {jobs[0].job_id})",
+            file=sys.stderr,
+        )
     if mode_obj.waits_by_default and not batch.options.get("skip_wait"):
         jobs.wait()
     return jobs

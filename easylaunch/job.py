@@ -49,8 +49,8 @@ class RemoteError(RuntimeError):
 class Job:
     """Handle on one run. Cheap to create; every property reads the run directory."""
 
-    def __init__(self, run_dir: Path | str, mode: Any = None):
-        self.run_dir = Path(run_dir).resolve()
+    def __init__(self, run_dir: Path | str, mode: Any = None, _resolved: bool = False):
+        self.run_dir = Path(run_dir) if _resolved else Path(run_dir).resolve()
         self._mode = mode
         self._manifest: Optional[dict] = None
         self._status: dict = {}

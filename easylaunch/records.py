@@ -100,8 +100,8 @@ def read_json(path: Path | str, default: Any = None) -> Any:
 
 
 def read_status(run_dir: Path | str) -> dict:
-    """The run's status record, ``{}`` when none was written yet."""
-    return read_json(os.path.join(run_dir, STATUS), {}) or {}
+    """The run's status record; a run with none yet is PENDING (launchers write none)."""
+    return read_json(os.path.join(run_dir, STATUS), {}) or {"state": "PENDING"}  # bundle copies have none
 
 
 def write_status(run_dir: Path | str, state: str, **fields: Any) -> dict:
@@ -116,19 +116,6 @@ def write_status(run_dir: Path | str, state: str, **fields: Any) -> dict:
         history.append([str(state), status["updated"]])
     atomic_write_json(run_dir / STATUS, status)
     return status
-
-
-def initial_status(state: str, **fields: Any) -> dict:
-    """A first status record, written by the launcher before anything runs."""
-    now = time.time()
-    return {
-        "state": str(state),
-        "attempt": 0,
-        "created": now,
-        "updated": now,
-        "history": [[str(state), now]],
-        **fields,
-    }
 
 
 def read_manifest(run_dir: Path | str) -> dict:

@@ -97,16 +97,23 @@ class ProcessMode(Mode):
                 backend = job.manifest.get("backend") or {}
                 if "pid" in backend:
                     owner = backend
+                    owner_alive = alive(owner.get("pid"), owner.get("token"))
                 elif "supervisor_file" in backend:
                     path = backend["supervisor_file"]
                     if path not in supervisors:
-                        supervisors[path] = records.read_json(path)
+                        found = records.read_json(path)
+                        # one liveness check per supervisor and poll, not one per queued run
+                        supervisors[path] = found and {
+                            **found,
+                            "alive": alive(found.get("pid"), found.get("token")),
+                        }
                     owner = supervisors[path]
                     if owner is None:
                         continue  # the launcher is still starting it
+                    owner_alive = owner["alive"]
                 else:
                     continue
-                if alive(owner.get("pid"), owner.get("token")):
+                if owner_alive:
                     continue
                 reason = f"process {owner.get('pid')} that was to start this run is gone"
             else:
