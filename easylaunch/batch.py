@@ -129,31 +129,20 @@ class Batch:
             "state": State.PENDING.value,
             "attempt": 0,
             "created": self.created,
-            "updated": self.created,
             "host": records.hostname(),
             "history": [[State.PENDING.value, self.created]],
         }
-        # one PENDING status file, hard-linked into every run: a link appears complete at once
-        # (atomic for readers), and the runner's first atomic rewrite gives each run its own
-        template = self.exp_dir / f".status-{self.batch_id}.json"
-        records.atomic_write_json(template, status)
 
         def write_run(run: RunSpec) -> None:
             # readers find a run through its manifest (find_runs), written last and atomically,
             # so variant.json needs no temporary-file dance
             with open(run.run_dir / records.VARIANT, "wb") as f:
                 f.write(json.dumps(run.variant, indent=1, default=repr).encode() + b"\n")
-            try:
-                os.link(template, run.run_dir / records.STATUS)
-            except OSError:
-                records.atomic_write_json(run.run_dir / records.STATUS, status)
 
         runs = [RunSpec(i, d, v, self.variant_blobs[i]) for i, (d, v) in enumerate(zip(made, self.variants))]
         self.runs.extend(runs)
-        try:
-            _for_each(runs, write_run)
-        finally:
-            template.unlink()
+        _for_each(runs, write_run)
+        records.write_same_status([r.run_dir for r in runs], status, self.exp_dir)
 
     def remove_dirs(self) -> None:
         """Undo :meth:`create_dirs` after a failed submission: no half-made state is left."""

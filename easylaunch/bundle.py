@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shlex
 import shutil
@@ -252,18 +251,16 @@ def mark_generated(batch: Batch, bundle: Path) -> None:
     """Local run directories: state GENERATED (nothing was submitted).
 
     Every run's status is still the identical PENDING record the batch wrote, so the new
-    record is encoded once and written (atomically) to each.
+    record is written once and hard-linked into each (see records.write_same_status).
     """
     if not batch.runs:
         return
     message = f"bundle written to {bundle}; nothing submitted: copy it to the cluster and run submit.sh"
     status = records.read_status(batch.runs[0].run_dir)
     now = time.time()
-    status.update(state=str(State.GENERATED), updated=now, message=message)
+    status.update(state=str(State.GENERATED), message=message)
     status.setdefault("history", []).append([str(State.GENERATED), now])
-    data = json.dumps(status, indent=1, sort_keys=True).encode() + b"\n"
-    for run in batch.runs:
-        records.atomic_write_bytes(os.path.join(run.run_dir, records.STATUS), data)
+    records.write_same_status([run.run_dir for run in batch.runs], status, batch.exp_dir)
 
 
 def write_bundle_runs(batch: Batch, bundle: Path) -> Path:

@@ -118,6 +118,31 @@ def write_status(run_dir: Path | str, state: str, **fields: Any) -> dict:
     return status
 
 
+def write_same_status(run_dirs: list, status: dict, scratch: Path) -> None:
+    """Give every run in ``run_dirs`` the same status record, atomically and cheaply.
+
+    The record is written once into ``scratch`` (a directory on the same file system) and
+    hard-linked into each run: a link appears complete at once, and the runner's next atomic
+    rewrite gives the run a file of its own.
+    """
+    status = dict(status, updated=time.time())
+    template = Path(scratch) / f".status-{os.getpid()}-{time.monotonic_ns()}.json"
+    atomic_write_json(template, status)
+    try:
+        for run_dir in run_dirs:
+            target = os.path.join(run_dir, STATUS)
+            try:
+                os.link(template, target)
+            except FileExistsError:
+                tmp = f"{target}.{os.getpid()}.tmp"
+                os.link(template, tmp)
+                os.replace(tmp, target)
+            except OSError:  # no hard links here
+                atomic_write_json(target, status)
+    finally:
+        template.unlink()
+
+
 def read_manifest(run_dir: Path | str) -> dict:
     """The run's manifest; raises FileNotFoundError naming the directory when it has none."""
     manifest = read_json(Path(run_dir) / MANIFEST)
