@@ -366,6 +366,19 @@ def test_expected_duration_picks_variants_per_task(slurm):
     )
     assert backend(long[0])["variants_per_task"] == 1
     assert long.results(timeout=90) == [0, 1, 2, 3]
+    # two at a time: two tasks of 4 keep both busy; two CPUs per task on 8: four slots
+    few = slurm.launch(
+        trivial, [{"x": i} for i in range(8)], expected_duration=0.5, max_parallel=2, exp_name=slurm.exp + "c"
+    )
+    wide = slurm.launch(
+        trivial,
+        [{"x": i} for i in range(8)],
+        expected_duration=0.5,
+        exp_name=slurm.exp + "d",
+        slurm_options={"n_cpus_per_task": 2},
+    )
+    assert backend(few[0])["variants_per_task"] == 4 and backend(wide[0])["variants_per_task"] == 2
+    assert few.results(timeout=90) == wide.results(timeout=90) == list(range(8))
 
 
 def test_task_waits_for_a_payload_written_after_submission(slurm, monkeypatch):

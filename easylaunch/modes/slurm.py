@@ -160,12 +160,16 @@ class SlurmMode(Mode):
         n = len(batch.runs)
         # aim for tasks of at least a minute, but keep every slot of the partition busy
         k = max(1, math.floor(60.0 / float(duration)))
-        slots = self.cluster_cpus() or 1
+        _name, cfg = getattr(batch, "slurm", None) or self.slurm_config(batch)
+        slots = max(1, (self.cluster_cpus(cfg.partition) or 1) // max(1, cfg.n_cpus_per_task))
+        if opts.get("max_parallel"):
+            slots = min(slots, int(opts["max_parallel"]))
         return max(1, min(k, math.ceil(n / slots)))
 
-    def cluster_cpus(self) -> Optional[int]:
+    def cluster_cpus(self, partition: Optional[str] = None) -> Optional[int]:
+        """CPUs of the partition (of the cluster when None), from ``sinfo -o %C`` (A/I/O/T)."""
         try:
-            out = _run(["sinfo", "-h", "-o", "%C"]).stdout.split()
+            out = _run(["sinfo", "-h", "-o", "%C"] + (["-p", partition] if partition else [])).stdout.split()
             return int(out[0].split("/")[3]) if out else None
         except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
             return None
