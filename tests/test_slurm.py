@@ -282,8 +282,8 @@ def test_time_in_mins_option_overrides_and_takes_slurm_time_strings(slurm):
     info = show_job(array_ids(sweep)[0])
     assert info["TimeLimit"] == "00:03:00"  # rounded up to whole minutes
     assert info["Partition"] == "short"
-    sh("scancel", array_ids(sweep)[0])
-    assert sweep[0].wait(timeout=60) is State.CANCELLED
+    sweep.cancel()
+    assert sweep[0].wait(timeout=30) is State.CANCELLED
 
 
 def test_chunks_only_where_max_array_size_demands(slurm, monkeypatch, tmp_path):
