@@ -70,6 +70,8 @@ class Batch:
     payload_sys_path: List[str] = field(default_factory=list)
     payload_snapshot: Optional[dict] = None
     git_infos: Optional[List[GitInfo]] = None
+    #: payloads written atomically: for modes whose jobs may start before materialize() ends
+    atomic_payloads: bool = False
     #: set by the mode once anything may have run: a failure after that keeps the directories
     started: bool = False
     _materialized: bool = False
@@ -202,7 +204,12 @@ class Batch:
                     sys_path=self.payload_sys_path,
                     snapshot=self.payload_snapshot,
                 )
-                records.atomic_write_bytes(run.payload_path, data, records.PRIVATE_MODE)
+                if self.atomic_payloads:
+                    records.atomic_write_bytes(run.payload_path, data, records.PRIVATE_MODE)
+                else:  # nobody reads it before launch() returns: one plain, private write
+                    fd = os.open(run.payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, records.PRIVATE_MODE)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
                 if patches:
                     git_dir = run.run_dir / records.GIT_DIR
                     git_dir.mkdir(exist_ok=True)
