@@ -231,7 +231,8 @@ class Batch:
                             run_dir=str(run.run_dir),
                             variant=run.variant,
                             backend={**self.backend_common, **self.backend.get(run.index, {})},
-                        )
+                        ),
+                        compact=True,
                     )
                 )
                 records.atomic_write_bytes(run.run_dir / records.MANIFEST, _json_join(entries))
@@ -332,12 +333,13 @@ def _for_each(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
-def _json_entries(obj: Dict[str, Any]) -> Dict[str, str]:
-    """Each top-level entry of ``obj`` as :func:`records.atomic_write_json` would write it."""
+def _json_entries(obj: Dict[str, Any], compact: bool = False) -> Dict[str, str]:
+    """Each top-level entry of ``obj`` as :func:`records.atomic_write_json` would write it;
+    ``compact`` puts each value on one line (the C encoder: per-run entries of large batches)."""
     out = {}
     for key, value in obj.items():
-        if type(value) in _JSON_SCALARS:  # indent does not change a scalar: the C encoder will do
-            out[key] = f" {json.dumps(key)}: {json.dumps(value)}"
+        if compact or type(value) in _JSON_SCALARS:  # the C encoder only runs without indent
+            out[key] = f" {json.dumps(key)}: {json.dumps(value, sort_keys=True, default=repr)}"
             continue
         text = json.dumps({key: value}, indent=1, sort_keys=True, default=repr)
         out[key] = text[2:-2]  # '{\n "key": value\n}' -> ' "key": value'

@@ -290,6 +290,7 @@ class SlurmMode(Mode):
                             "array_task": task,
                             "task_runs": len(groups[first + task]),
                         }
+            batch.atomic_payloads = True  # tasks may already be reading them
             batch.materialize()
         except BaseException:
             if submitted:
