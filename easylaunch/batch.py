@@ -194,6 +194,12 @@ class Batch:
             # the entries shared by every manifest are JSON-encoded once, not once per run
             common_entries = _json_entries(self._manifest_common())
             patches = patch_files(self.git_infos)
+            names = list(patches)
+            git_patches = list(zip(names[0::2], names[1::2]))  # (diff, staged diff) per GitInfo
+            # the diffs travel as the run's git/ files, not inside each payload
+            config = config._replace(
+                git_infos=[g._replace(code_diff="", code_diff_staged="") for g in config.git_infos]
+            )
             first_git_dir: Optional[Path] = None
 
             def write_run(run: RunSpec) -> None:
@@ -203,6 +209,7 @@ class Batch:
                     config._replace(base_log_dir=str(run.run_dir)),
                     sys_path=self.payload_sys_path,
                     snapshot=self.payload_snapshot,
+                    git_patches=git_patches,
                 )
                 if self.atomic_payloads:
                     records.atomic_write_bytes(run.payload_path, data, records.PRIVATE_MODE)

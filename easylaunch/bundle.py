@@ -284,6 +284,11 @@ def write_bundle_runs(batch: Batch, bundle: Path) -> Path:
                 link(os.path.join(src, name), os.path.join(target, name))
             except OSError:
                 _link_or_copy(Path(src, name), Path(target, name))
+        git_src = os.path.join(src, records.GIT_DIR)
+        if os.path.isdir(git_src):  # the payload reads its diffs from these
+            os.mkdir(os.path.join(target, records.GIT_DIR))
+            for name in os.listdir(git_src):
+                _link_or_copy(Path(git_src, name), Path(target, records.GIT_DIR, name))
     return exp_dir
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import cloudpickle
 
@@ -54,8 +54,14 @@ def build_payload(
     sys_path: Sequence[str] = (),
     snapshot: Optional[dict] = None,
     extra: Optional[dict] = None,
+    git_patches: Sequence[Tuple[str, str]] = (),
 ) -> bytes:
-    """Serialize one run's payload; ``fn_blob``/``variant_blob`` come from :func:`dumps_checked`."""
+    """Serialize one run's payload; ``fn_blob``/``variant_blob`` come from :func:`dumps_checked`.
+
+    ``git_patches`` names, per GitInfo of ``config``, the (diff, staged diff) files in the run's
+    ``git/`` folder: the diffs then travel as those files, not once more inside every payload
+    of a sweep, and the runner reads them back into the DoodadConfig.
+    """
     header = {
         "format": FORMAT,
         "python": python_version(),
@@ -67,6 +73,7 @@ def build_payload(
         "extra": extra or {},
         "fn": fn_blob,
         "variant": variant_blob,
+        "git_patches": [list(pair) for pair in git_patches],
     }
     return pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -98,9 +105,28 @@ def check_versions(header: dict) -> None:
         )
 
 
-def load_callable(header: dict) -> tuple[Callable, DoodadConfig, Any]:
-    """Unpickle ``(function, DoodadConfig, variant)``; call after :func:`check_versions`."""
+def load_callable(header: dict, run_dir: Optional[Path] = None) -> tuple[Callable, DoodadConfig, Any]:
+    """Unpickle ``(function, DoodadConfig, variant)``; call after :func:`check_versions`.
+
+    ``run_dir`` (the payload's directory) is where git patches named by the header are read.
+    """
     fn = cloudpickle.loads(header["fn"])
     variant = cloudpickle.loads(header["variant"])
     config = DoodadConfig(*header["config"])
+    patches = header.get("git_patches") or []
+    if patches and run_dir is not None:
+        infos = list(config.git_infos)
+        for i, (diff_name, staged_name) in enumerate(patches[: len(infos)]):
+            infos[i] = infos[i]._replace(
+                code_diff=_read_patch(Path(run_dir), diff_name),
+                code_diff_staged=_read_patch(Path(run_dir), staged_name),
+            )
+        config = config._replace(git_infos=infos)
     return fn, config, variant
+
+
+def _read_patch(run_dir: Path, name: str) -> str:
+    try:
+        return (run_dir / "git" / name).read_text()
+    except FileNotFoundError:
+        return ""

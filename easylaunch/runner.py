@@ -295,7 +295,7 @@ def load_payload_file(path: Path, header: Optional[dict] = None) -> tuple[Callab
         from . import snapshot
 
         snapshot.activate(header["snapshot"], path)
-    return payload.load_callable(header)
+    return payload.load_callable(header, Path(path).parent)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -258,6 +258,8 @@ def test_git_infos_from_a_launch_script_in_a_repository(mode, repo, log_dir, run
     assert patches == ["0-project.diff", "0-project.staged.diff"]
     assert (run_dir / "git" / "0-project.diff").read_text() == info.code_diff
     assert (run_dir / "git" / "0-project.staged.diff").read_text() == info.code_diff_staged
+    # the diffs travel once, as these files, not inside every payload of a sweep
+    assert b"UNSTAGED-CHANGE" not in (run_dir / "payload.pkl").read_bytes()
     # the diff applies to the recorded commit: the run can be reproduced from it
     subprocess.run(["git", "apply", "--check", "-R", str(run_dir / "git" / "0-project.diff")], cwd=repo,
                    check=True)
