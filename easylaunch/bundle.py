@@ -26,14 +26,11 @@ Results come back with :func:`collect` (``easylaunch collect DIR``)::
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import shlex
 import shutil
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
@@ -54,7 +51,6 @@ SUBMITTED = "submitted.txt"
 JOBS = "jobs"
 LOGS = "logs"
 STORE = ".snapshots"
-_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 class BundleError(ValueError):
@@ -188,36 +184,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def cloudpickle_zip(store: Path) -> Path:
-    """Write (once per content) a zip of the launcher's cloudpickle into ``store``.
-
-    Payloads must be read by the very cloudpickle version that wrote them; shipping it means
-    the cluster (or the image) needs only Python.
-    """
-    import cloudpickle
-
-    package = Path(cloudpickle.__file__).resolve().parent
-    files = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
-    digest = hashlib.sha256()
-    contents = []
-    for path in files:
-        rel = "cloudpickle/" + path.relative_to(package).as_posix()
-        data = path.read_bytes()
-        digest.update(rel.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
-        contents.append((rel, data))
-    target = Path(store) / f"cloudpickle-{cloudpickle.__version__}-{digest.hexdigest()[:12]}.zip"
-    if target.exists():
-        return target
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for rel, data in contents:
-            info = zipfile.ZipInfo(rel, date_time=_EPOCH)
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, data)
-    records.atomic_write_bytes(target, buf.getvalue())
-    return target
-
-
 def prepare_code(batch: Batch, bundle: Path) -> List[str]:
     """Snapshot the code and ship easylaunch + cloudpickle into ``<bundle>/logs/.snapshots``.
 
@@ -226,7 +192,7 @@ def prepare_code(batch: Batch, bundle: Path) -> List[str]:
     it in ``.snapshots/`` two levels above its run directory, wherever the bundle is. Returns the
     file names to put on the runner's PYTHONPATH.
     """
-    from .selfzip import easylaunch_zip
+    from .selfzip import cloudpickle_zip, easylaunch_zip
 
     shared = batch.log_root / STORE
     shared.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
-"""easylaunch's own code as one content-addressed zip, for targets without easylaunch installed.
+"""Pure-Python packages as content-addressed zips, for targets that lack them.
 
 Python imports packages straight from a zip on ``PYTHONPATH``, so a container or a cluster
-only needs Python and cloudpickle::
+only needs Python itself::
 
     path = easylaunch_zip(Path("logs/.snapshots"))   # logs/.snapshots/easylaunch-<sha>.zip
     # PYTHONPATH=<path> python3 -m easylaunch.runner ...
@@ -10,6 +10,7 @@ only needs Python and cloudpickle::
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import zipfile
 from pathlib import Path
@@ -19,18 +20,23 @@ from . import records
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def easylaunch_zip(store: Path) -> Path:
-    """Write (once per content) a zip of the installed easylaunch package into ``store``."""
-    package = Path(__file__).resolve().parent
+def package_zip(name: str, store: Path, label: str = "") -> Path:
+    """Write (once per content) a zip of the installed package ``name`` into ``store``.
+
+    The file is ``<name>-[<label>-]<sha>.zip``; the hash covers every ``.py`` file's path and
+    bytes, so an unchanged package is never written twice.
+    """
+    module = importlib.import_module(name)
+    package = Path(module.__file__).resolve().parent
     files = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
     digest = hashlib.sha256()
     contents = []
     for path in files:
-        rel = "easylaunch/" + path.relative_to(package).as_posix()
+        rel = f"{name}/" + path.relative_to(package).as_posix()
         data = path.read_bytes()
         digest.update(rel.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
         contents.append((rel, data))
-    target = Path(store) / f"easylaunch-{digest.hexdigest()[:20]}.zip"
+    target = Path(store) / f"{name}-{label + '-' if label else ''}{digest.hexdigest()[:20]}.zip"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -42,3 +48,15 @@ def easylaunch_zip(store: Path) -> Path:
             zf.writestr(info, data)
     records.atomic_write_bytes(target, buf.getvalue())
     return target
+
+
+def easylaunch_zip(store: Path) -> Path:
+    """easylaunch's own code (runner included) as one zip in ``store``."""
+    return package_zip("easylaunch", store)
+
+
+def cloudpickle_zip(store: Path) -> Path:
+    """The launcher's cloudpickle: payloads must be read by the version that wrote them."""
+    import cloudpickle
+
+    return package_zip("cloudpickle", store, cloudpickle.__version__)

@@ -23,7 +23,7 @@ fi
 log "installing easylaunch[test] into $VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$ROOT"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$ROOT[test,all]"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$ROOT[test]"
 export PATH="$VENV/bin:$PATH"
 # the services (e.g. the Apptainer image) must match this environment's cloudpickle
 EASYLAUNCH_TEST_CLOUDPICKLE_VERSION=$("$VENV/bin/python" -c 'import cloudpickle; print(cloudpickle.__version__)')
