@@ -2,8 +2,8 @@
 # The whole test suite on a fresh machine, unattended:
 #   bash scripts/test.sh [pytest args...]
 # 1. creates a virtual environment and installs easylaunch (non-editable) with its test extras;
-# 2. starts every service in scripts/services/*.sh (real Slurm, Apptainer, ...), each of which
-#    installs what it needs, and stops them by PID on exit;
+# 2. starts every service listed in scripts/services/ENABLED (real Slurm, Apptainer, ...), each
+#    of which installs what it needs, and stops them by PID on exit;
 # 3. runs pytest.
 # EASYLAUNCH_TEST_SERVICES="slurm" limits the services; EASYLAUNCH_TEST_SERVICES=none starts none
 # (tests needing a service then skip locally, and fail under CI=true).
@@ -30,7 +30,8 @@ EASYLAUNCH_TEST_CLOUDPICKLE_VERSION=$("$VENV/bin/python" -c 'import cloudpickle;
 export EASYLAUNCH_TEST_CLOUDPICKLE_VERSION
 
 if [ "${EASYLAUNCH_TEST_SERVICES:-all}" = all ]; then
-    SERVICES=$(for f in scripts/services/*.sh; do b=$(basename "$f" .sh); [ "$b" = lib ] || echo "$b"; done)
+    # the services the suite needs, in start order: one name a line in scripts/services/ENABLED
+    SERVICES=$(grep -v '^[[:space:]]*#' scripts/services/ENABLED | xargs)
 elif [ "${EASYLAUNCH_TEST_SERVICES}" = none ]; then
     SERVICES=""
 else
