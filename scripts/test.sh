@@ -41,7 +41,7 @@ fi
 STARTED=()
 stop_services() {
     for svc in "${STARTED[@]}"; do
-        bash "scripts/services/$svc.sh" stop || log "stopping $svc failed"
+        bash "$ROOT/scripts/services/$svc.sh" stop || log "stopping $svc failed"
     done
 }
 trap stop_services EXIT
@@ -49,7 +49,7 @@ trap stop_services EXIT
 for svc in $SERVICES; do
     log "starting service $svc"
     STARTED+=("$svc")
-    bash "scripts/services/$svc.sh" start
+    bash "$ROOT/scripts/services/$svc.sh" start
     # shellcheck disable=SC1090
     source "$EASYLAUNCH_SERVICES_DIR/$svc.env"
 done
