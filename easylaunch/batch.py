@@ -303,6 +303,47 @@ _PARALLEL_MIN = 64
 _PARALLEL_PROBE = 32
 _PARALLEL_SLOW = 0.0004
 _PARALLEL_THREADS = 4
+#: on a fast filesystem the work is CPU-bound: batches this large are split over forked processes
+_FORK_MIN = 2000
+
+
+def _forked(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
+    """``work(run)`` for every run, split over one process per core (at most 4); the parent
+    takes the first slice. A child's failure is re-raised here with its message. ``work`` must
+    only write files (a child's changes to Python objects are not seen by the parent)."""
+    n = min(os.cpu_count() or 1, 4)
+    slices = [runs[i::n] for i in range(n)]
+    children = []
+    for part in slices[1:]:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 0
+            try:
+                os.close(read_fd)
+                for run in part:
+                    work(run)
+            except BaseException as exc:
+                os.write(write_fd, f"{type(exc).__name__}: {exc}".encode(errors="replace")[:4000])
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        children.append((pid, read_fd))
+    error: Optional[BaseException] = None
+    try:
+        for run in slices[0]:
+            work(run)
+    except BaseException as exc:
+        error = exc
+    for pid, read_fd in children:
+        with os.fdopen(read_fd, "rb") as f:
+            message = f.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0 and error is None:
+            error = OSError(f"writing run directories failed: {message or f'exit status {status}'}")
+    if error is not None:
+        raise error
 
 
 def _for_each(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
@@ -322,6 +363,9 @@ def _for_each(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
         work(run)
     rest = runs[_PARALLEL_PROBE:]
     if (time.perf_counter() - began) / _PARALLEL_PROBE < _PARALLEL_SLOW:
+        if len(rest) >= _FORK_MIN and hasattr(os, "fork") and (os.cpu_count() or 1) > 1:
+            _forked(rest, work)  # CPU-bound (encoding, pickling): one process per core
+            return
         for run in rest:
             work(run)
         return

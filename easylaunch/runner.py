@@ -231,6 +231,14 @@ def execute(
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, io.TextIOWrapper):
                 stream.reconfigure(line_buffering=True)
+
+    def settle() -> None:
+        # every byte of output reaches the logs BEFORE a final state is recorded: a reader
+        # that sees the state must find the complete stdout.log/stderr.log
+        _flush_std()
+        while tees:
+            tees.pop().close()
+
     try:
         try:
             if old_handlers:
@@ -241,7 +249,7 @@ def execute(
             config = config._replace(base_log_dir=str(run_dir))
             result = fn(config, variant)
         except RunInterrupted as exc:
-            _flush_std()
+            settle()
             if on_interrupt is not None and "fn" in locals():
                 code = on_interrupt(run_dir, fn, config, variant, exc)
                 if code is not None:
@@ -252,12 +260,12 @@ def execute(
             return 128 + exc.signum
         except BaseException as exc:  # the function's own failure, SystemExit included
             traceback.print_exc()
-            _flush_std()
+            settle()
             record_failure(run_dir, exc, State.FAILED, 1)
             if reraise:
                 raise
             return 1
-        _flush_std()
+        settle()
         try:
             import cloudpickle
 
@@ -269,9 +277,7 @@ def execute(
         records.write_status(run_dir, State.COMPLETED, ended=time.time(), exit_code=0)
         return 0
     finally:
-        _flush_std()
-        for tee in tees:
-            tee.close()
+        settle()
         if capture == "python":
             for stream in (sys.stdout, sys.stderr):
                 stream.log.close()  # type: ignore[attr-defined]
