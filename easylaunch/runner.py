@@ -249,11 +249,14 @@ def execute(
             config = config._replace(base_log_dir=str(run_dir))
             result = fn(config, variant)
         except RunInterrupted as exc:
-            settle()
+            _flush_std()
             if on_interrupt is not None and "fn" in locals():
+                # still captured: what checkpoint() prints belongs in the run's logs
                 code = on_interrupt(run_dir, fn, config, variant, exc)
                 if code is not None:
+                    settle()
                     return code
+            settle()
             record_failure(run_dir, exc, exc.state, 128 + exc.signum)
             if reraise:
                 raise KeyboardInterrupt(str(exc)) from exc

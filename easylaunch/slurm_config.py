@@ -141,12 +141,16 @@ class SlurmConfig:
                 f"{where}: extra_flags={self.extra_flags!r} must start with an sbatch flag (e.g. '--qos normal')"
             )
 
-    def directives(self, time_in_mins: Optional[int] = None) -> List[str]:
+    def directives(
+        self, time_in_mins: Optional[int] = None, shape: bool = True, argv: bool = False
+    ) -> List[str]:
         """sbatch options, one ``#SBATCH`` line each, in a stable order.
 
         extra_flags are grouped per flag (``--qos normal`` stays one line: a value on a
         ``#SBATCH`` line of its own is an invalid directive) and values with spaces are
-        double-quoted, the only quoting ``#SBATCH`` lines understand.
+        double-quoted, the only quoting ``#SBATCH`` lines understand. ``argv=True`` gives plain
+        command-line tokens instead (to be shell-quoted by the caller); ``shape=False`` leaves
+        out ``--nodes``/``--cpus-per-task`` for callers that size the job themselves (htp).
         """
         out: List[str] = []
         if self.account_name:
@@ -156,8 +160,9 @@ class SlurmConfig:
         minutes = time_in_mins if time_in_mins is not None else self.time_in_mins
         if minutes is not None:
             out.append(f"--time={parse_time(minutes)}")
-        out.append(f"--nodes={self.n_nodes}")
-        out.append(f"--cpus-per-task={self.n_cpus_per_task}")
+        if shape:
+            out.append(f"--nodes={self.n_nodes}")
+            out.append(f"--cpus-per-task={self.n_cpus_per_task}")
         if self.n_gpus:
             out.append(f"--gres={self.gres}" if self.gres else f"--gpus={self.n_gpus}")
         elif self.gres:
@@ -168,6 +173,8 @@ class SlurmConfig:
             out.append(f"--qos={self.qos}")
         if self.constraint:
             out.append(f"--constraint={self.constraint}")
+        if argv:
+            return out + shlex.split(self.extra_flags)
         groups: List[List[str]] = []
         for tok in shlex.split(self.extra_flags):
             if tok.startswith("-") and not re.match(r"^-\d", tok) or not groups:

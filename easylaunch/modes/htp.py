@@ -21,32 +21,15 @@ from typing import List
 from .. import __version__, bundle, records
 from ..batch import Batch
 from ..options import Option
-from ..slurm_config import SlurmConfig, SlurmConfigError, parse_time
+from ..slurm_config import SlurmConfig, SlurmConfigError
 from ..templating import render
 from .sss import BUNDLE_OPTIONS, BundleMode, slurm_config
 
 
 def htp_directives(cfg: SlurmConfig) -> List[str]:
-    """The Slurm config's account, partition, time, qos, ... (not its node/cpu shape)."""
-    out: List[str] = []
-    if cfg.account_name:
-        out.append(f"--account={cfg.account_name}")
-    if cfg.partition:
-        out.append(f"--partition={cfg.partition}")
-    if cfg.time_in_mins is not None:
-        out.append(f"--time={parse_time(cfg.time_in_mins)}")
-    if cfg.qos:
-        out.append(f"--qos={cfg.qos}")
-    if cfg.n_gpus:
-        out.append(f"--gres={cfg.gres}" if cfg.gres else f"--gpus={cfg.n_gpus}")
-    elif cfg.gres:
-        out.append(f"--gres={cfg.gres}")
-    if cfg.mem:
-        out.append(f"--mem={cfg.mem}")
-    if cfg.constraint:
-        out.append(f"--constraint={cfg.constraint}")
-    out.extend(shlex.split(cfg.extra_flags))
-    return out
+    """The Slurm config's account, partition, time, gres, mem, qos, ... as command-line tokens
+    (not its node/cpu shape: the htp job is sized for its tasks)."""
+    return cfg.directives(shape=False, argv=True)
 
 
 class HtpMode(BundleMode):
