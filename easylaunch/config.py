@@ -37,8 +37,21 @@ class Key:
 
 
 _S, _L, _D, _N = (str,), (list, tuple), (dict,), (int, float)
-_SYNC_PATTERNS = ("*.txt", "*.csv", "*.json", "*.gz", "*.tar", "*.log", "*.pkl", "*.mp4", "*.png", "*.jpg",
-                  "*.jpeg", "*.patch", "*.html")
+_SYNC_PATTERNS = (
+    "*.txt",
+    "*.csv",
+    "*.json",
+    "*.gz",
+    "*.tar",
+    "*.log",
+    "*.pkl",
+    "*.mp4",
+    "*.png",
+    "*.jpg",
+    "*.jpeg",
+    "*.patch",
+    "*.html",
+)
 
 KEYS: dict[str, Key] = {
     # code and data

@@ -8,9 +8,9 @@ FAILS under CI (CI=true), so a broken harness can never pass silently.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
-import subprocess
 from pathlib import Path
 
 import pytest
