@@ -70,6 +70,8 @@ class Batch:
     payload_sys_path: List[str] = field(default_factory=list)
     payload_snapshot: Optional[dict] = None
     git_infos: Optional[List[GitInfo]] = None
+    #: what the mode's check() resolved (e.g. the Slurm config), for its launch()
+    mode_data: Dict[str, Any] = field(default_factory=dict)
     #: payloads written atomically: for modes whose jobs may start before materialize() ends
     atomic_payloads: bool = False
     #: set by the mode once anything may have run: a failure after that keeps the directories

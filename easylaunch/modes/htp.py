@@ -52,7 +52,7 @@ class HtpMode(BundleMode):
             raise ValueError(f"option ht_helper_modules={modules!r} must be one line, e.g. 'python/3.5'")
 
     def launch(self, batch: Batch) -> None:
-        name, cfg = getattr(batch, "bundle_slurm", None) or slurm_config(self.settings, batch.options)
+        name, cfg = batch.mode_data.get("slurm") or slurm_config(self.settings, batch.options)
         opts = batch.options
         root, cluster, zips = self.start(batch)
         n = len(batch.runs)

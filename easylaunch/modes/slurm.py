@@ -128,7 +128,7 @@ class SlurmMode(Mode):
                 "on the cluster's login node, or use mode='sss' (writes the scripts to copy there)"
             )
         name, cfg = self.slurm_config(batch)
-        batch.slurm = (name, cfg)  # type: ignore[attr-defined]
+        batch.mode_data["slurm"] = (name, cfg)
         opts = batch.options
         for key in ("variants_per_task", "max_parallel", "max_requeue", "signal_before_timeout"):
             value = opts.get(key)
@@ -160,7 +160,7 @@ class SlurmMode(Mode):
         n = len(batch.runs)
         # aim for tasks of at least a minute, but keep every slot of the partition busy
         k = max(1, math.floor(60.0 / float(duration)))
-        _name, cfg = getattr(batch, "slurm", None) or self.slurm_config(batch)
+        _name, cfg = batch.mode_data.get("slurm") or self.slurm_config(batch)
         slots = max(1, (self.cluster_cpus(cfg.partition) or 1) // max(1, cfg.n_cpus_per_task))
         if opts.get("max_parallel"):
             slots = min(slots, int(opts["max_parallel"]))
@@ -221,7 +221,7 @@ class SlurmMode(Mode):
             batch.payload_sys_path = launcher_sys_path()
 
     def launch(self, batch: Batch) -> None:
-        name, cfg = getattr(batch, "slurm", None) or self.slurm_config(batch)
+        name, cfg = batch.mode_data.get("slurm") or self.slurm_config(batch)
         opts = batch.options
         store = batch.log_root / ".snapshots"
         store.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ class BundleMode(Mode):
             raise ValueError(f"option max_requeue={opts['max_requeue']!r} must be 0 or more")
         bundle.check_common(self.settings, batch)
         bundle.cluster_paths(self.settings, batch, taskfile=self.taskfile)  # validates the config paths
-        batch.bundle_slurm = (name, cfg)  # type: ignore[attr-defined]
+        batch.mode_data["slurm"] = (name, cfg)
         self.check_mode(batch, name, cfg)
 
     def check_mode(self, batch: Batch, name: str, cfg: SlurmConfig) -> None:
@@ -144,7 +144,7 @@ class SssMode(BundleMode):
     )
 
     def launch(self, batch: Batch) -> None:
-        name, cfg = getattr(batch, "bundle_slurm", None) or slurm_config(self.settings, batch.options)
+        name, cfg = batch.mode_data.get("slurm") or slurm_config(self.settings, batch.options)
         opts = batch.options
         root, cluster, zips = self.start(batch)
         k = int(opts.get("variants_per_task") or 1)
