@@ -175,10 +175,6 @@ class Settings(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._values)
 
-    def public(self) -> dict:
-        """The settings with anything secret-looking removed (for manifests)."""
-        return {k: v for k, v in self._values.items() if not is_secret(k)}
-
 
 def load_settings(
     path: Optional[Path | str] = None, overrides: Optional[Mapping[str, Any]] = None

@@ -17,15 +17,17 @@ from typing import Any, Iterable, Mapping, Optional, Tuple
 
 @dataclass(frozen=True)
 class Option:
-    """One keyword option: name, accepted types, default and a one-line doc."""
+    """One keyword option: name, accepted types, default, a one-line doc and, for numbers, the
+    smallest value accepted."""
 
     name: str
     types: Tuple[type, ...]
     default: Any
     doc: str
+    minimum: Optional[float] = None
 
     def check(self, value: Any, mode: str) -> Any:
-        """Return ``value`` if its type is accepted, else raise TypeError naming the option."""
+        """Return ``value`` if its type (and range) is accepted; TypeError/ValueError naming it."""
         if value is None:
             return value
         ok = isinstance(value, self.types) and not (
@@ -37,6 +39,14 @@ class Option:
                 f"option {self.name}={value!r} has type {type(value).__name__}; "
                 f"mode {mode!r} expects {accepted} ({self.doc})"
             )
+        if self.minimum is not None and isinstance(value, (int, float)) and value < self.minimum:
+            if self.minimum == 1 and int in self.types:
+                wanted = "a positive integer"
+            elif self.minimum == 0 and int in self.types:
+                wanted = "0 or more"
+            else:
+                wanted = f"at least {self.minimum}"
+            raise ValueError(f"option {self.name}={value!r} must be {wanted} ({self.doc})")
         return value
 
 
@@ -113,9 +123,3 @@ def resolve(
             )
             raise TypeError(f"{func}() got an unexpected keyword argument {name!r}{hint}")
     return out
-
-
-def positive_int(name: str, value: Optional[int]) -> None:
-    """Raise ValueError unless ``value`` is None or a positive int."""
-    if value is not None and value < 1:
-        raise ValueError(f"option {name}={value!r} must be a positive integer")

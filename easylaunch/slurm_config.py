@@ -14,6 +14,8 @@ import shlex
 from dataclasses import dataclass, fields
 from typing import Any, List, Mapping, Optional
 
+from .options import Option
+
 _SAFE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\-\[\]]+$")
 
 
@@ -221,3 +223,37 @@ def resolve_slurm_config(
             "set n_gpus in SLURM_CONFIGS or choose a GPU config"
         )
     return chosen, cfg
+
+
+def config_for(settings: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[str, SlurmConfig]:
+    """The SlurmConfig a launch asks for: SLURM_CONFIGS[slurm_config_name] (else 'gpu'/'cpu' by
+    use_gpu) with the call's ``slurm_options`` and ``time_in_mins`` applied."""
+    overrides = dict(options.get("slurm_options") or {})
+    if options.get("time_in_mins") is not None:
+        overrides["time_in_mins"] = parse_time(options["time_in_mins"])
+    return resolve_slurm_config(
+        settings.get("SLURM_CONFIGS") or {},
+        options.get("slurm_config_name"),
+        bool(options.get("use_gpu")),
+        overrides,
+    )
+
+
+#: options of every Slurm-family mode (slurm, slurm_singularity, sss, htp)
+SLURM_OPTIONS = (
+    Option("slurm_config_name", (str,), None, "key of SLURM_CONFIGS (default: 'gpu'/'cpu' by use_gpu)"),
+    Option(
+        "time_in_mins", (int, float, str), None, "time limit: minutes or 'HH:MM:SS' (overrides the config)"
+    ),
+    Option("slurm_options", (dict,), None, "SlurmConfig fields overriding the named config"),
+    Option(
+        "signal_before_timeout", (int,), 90, "seconds before the time limit to signal the runner (USR2)", 1
+    ),
+    Option("skip_wait", (bool,), True, "accepted for doodad scripts; Slurm-family launches return at once"),
+)
+#: options of the modes that submit job arrays (slurm, slurm_singularity, sss)
+ARRAY_OPTIONS = (
+    Option("variants_per_task", (int,), None, "variants run one after another in one array task", 1),
+    Option("max_parallel", (int,), None, "array concurrency limit (%k)", 1),
+    Option("max_requeue", (int,), 3, "requeues allowed for checkpointable functions", 0),
+)

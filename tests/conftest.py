@@ -80,19 +80,25 @@ def run_dirs(log_dir):
     return _list
 
 
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.02):
+    """Poll until ``predicate()`` is truthy and return its value; AssertionError on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 @pytest.fixture
 def wait_until():
     """Return ``wait(predicate, timeout=20, what=...)``: poll until predicate() is truthy."""
-    import time
 
     def _wait(predicate, timeout: float = 20.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.02)
+        return wait_for(predicate, timeout, what)
 
     return _wait

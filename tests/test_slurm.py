@@ -10,6 +10,7 @@ neither pytest nor this file), so they must not touch pytest.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -22,10 +23,14 @@ from types import SimpleNamespace
 import cloudpickle
 import pytest
 from conftest import require_service
+from conftest import wait_for as _wait_for
 
 from easylaunch import Job, State, records, run_sweep
 from easylaunch.modes.slurm import SlurmMode, SubmitError
 from easylaunch.slurm_config import SlurmConfigError
+
+# the predicates here ask squeue/scontrol: poll them gently
+wait_for = functools.partial(_wait_for, interval=0.2)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -153,17 +158,6 @@ def show_job(job_id: str) -> dict:
 
 def squeue_names() -> str:
     return sh("squeue", "-h", "-o", "%j %i %T")
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def backend(job: Job) -> dict:

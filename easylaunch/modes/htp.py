@@ -16,20 +16,13 @@ taskfile, or TASKFILE_PATH_ON_BRC when configured (submit.sh copies it there).
 from __future__ import annotations
 
 import shlex
-from typing import List
 
 from .. import __version__, bundle, records
 from ..batch import Batch
 from ..options import Option
 from ..slurm_config import SlurmConfig, SlurmConfigError
 from ..templating import render
-from .sss import BUNDLE_OPTIONS, BundleMode, slurm_config
-
-
-def htp_directives(cfg: SlurmConfig) -> List[str]:
-    """The Slurm config's account, partition, time, gres, mem, qos, ... as command-line tokens
-    (not its node/cpu shape: the htp job is sized for its tasks)."""
-    return cfg.directives(shape=False, argv=True)
+from .sss import BUNDLE_OPTIONS, BundleMode
 
 
 class HtpMode(BundleMode):
@@ -52,7 +45,7 @@ class HtpMode(BundleMode):
             raise ValueError(f"option ht_helper_modules={modules!r} must be one line, e.g. 'python/3.5'")
 
     def launch(self, batch: Batch) -> None:
-        name, cfg = batch.mode_data.get("slurm") or slurm_config(self.settings, batch.options)
+        name, cfg = batch.mode_data["slurm"]  # resolved by check()
         opts = batch.options
         root, cluster, zips = self.start(batch)
         n = len(batch.runs)
@@ -83,7 +76,9 @@ class HtpMode(BundleMode):
         lines = [f"bash {task} {shlex.quote(f'{base}/{r.name}/{records.PAYLOAD}')}\n" for r in batch.runs]
         bundle.write_file(root / bundle.JOBS / "taskfile.txt", "".join(lines))
         runner = bundle.make_runner(self.settings, opts, zips, cluster)
-        directives = htp_directives(cfg)
+        # the config's account, partition, time, ... as command-line tokens; not its node/cpu
+        # shape: the one htp job is sized for its tasks
+        directives = cfg.directives(shape=False, argv=True)
         modules = str(opts.get("ht_helper_modules"))
         common = dict(
             version=__version__,
@@ -120,23 +115,21 @@ class HtpMode(BundleMode):
             python_minor=bundle.python_version(),
             **common,
         )
-        readme = self.readme_common(batch, runner, cluster)
-        readme.update(
-            ntasks=ntasks,
-            modules=modules,
-            slurm_config_name=name,
-            directives=[
-                shlex.quote(d) for d in ["--nodes=1", f"--ntasks={ntasks}", "--cpus-per-task=1", *directives]
-            ],
-            sbatch_line=sbatch_line,
-        )
-        bundle.write_common(
+        self.publish(
             batch,
             root,
-            self.name,
             cluster,
-            readme,
+            runner,
             submit,
+            readme=dict(
+                ntasks=ntasks,
+                modules=modules,
+                slurm_config_name=name,
+                directives=[
+                    shlex.quote(d)
+                    for d in ["--nodes=1", f"--ntasks={ntasks}", "--cpus-per-task=1", *directives]
+                ],
+                sbatch_line=sbatch_line,
+            ),
             extra={"slurm_config": name, "ht_helper_ntasks": ntasks, "ht_helper_modules": modules},
         )
-        bundle.announce(root, n, self.name)

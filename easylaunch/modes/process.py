@@ -63,7 +63,7 @@ class ProcessMode(Mode):
     poll_interval = 0.5
     options = (
         Option("skip_wait", (bool,), False, "return at once; runs go on after the script exits"),
-        Option("max_parallel", (int,), None, "runs at once (default: MAX_PARALLEL or CPU count)"),
+        Option("max_parallel", (int,), None, "runs at once (default: MAX_PARALLEL or CPU count)", 1),
     )
 
     def check(self, batch: Batch) -> None:

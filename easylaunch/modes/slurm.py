@@ -27,7 +27,7 @@ from .. import __version__, records
 from ..batch import Batch
 from ..job import Job
 from ..options import Option
-from ..slurm_config import SlurmConfig, SlurmConfigError, parse_time, resolve_slurm_config
+from ..slurm_config import ARRAY_OPTIONS, SLURM_OPTIONS, SlurmConfigError, config_for
 from ..spec import TERMINAL_STATES, State
 from ..templating import render
 from .base import Mode
@@ -78,26 +78,17 @@ class SlurmMode(Mode):
     name = "slurm"
     poll_interval = 2.0
     options = (
-        Option("slurm_config_name", (str,), None, "key of SLURM_CONFIGS (default: 'gpu'/'cpu' by use_gpu)"),
+        *SLURM_OPTIONS,
+        *ARRAY_OPTIONS,
         Option(
-            "time_in_mins",
-            (int, float, str),
+            "expected_duration",
+            (int, float),
             None,
-            "time limit: minutes or 'HH:MM:SS' (overrides the config)",
+            "expected seconds per variant: picks variants_per_task",
+            0.001,
         ),
-        Option("slurm_options", (dict,), None, "SlurmConfig fields overriding the named config"),
-        Option("variants_per_task", (int,), None, "variants run one after another in one array task"),
-        Option(
-            "expected_duration", (int, float), None, "expected seconds per variant: picks variants_per_task"
-        ),
-        Option("max_parallel", (int,), None, "array concurrency limit (%k)"),
         Option("singularity_image", (str,), None, "run the runner inside this Singularity/Apptainer image"),
-        Option(
-            "signal_before_timeout", (int,), 90, "seconds before the time limit to signal the runner (USR2)"
-        ),
-        Option("max_requeue", (int,), 3, "requeues allowed for checkpointable functions"),
         Option("hold", (bool,), False, "submit held (release with `scontrol release`)"),
-        Option("skip_wait", (bool,), True, "accepted for doodad scripts; Slurm launches never wait"),
     )
 
     def __init__(self, settings):
@@ -106,36 +97,15 @@ class SlurmMode(Mode):
         self._accounting: Optional[bool] = None
 
     # -- validation ------------------------------------------------------------------
-    def uses_singularity(self, options: dict) -> bool:
-        return bool(options.get("singularity_image"))
-
-    def slurm_config(self, batch: Batch) -> Tuple[str, SlurmConfig]:
-        opts = batch.options
-        overrides = dict(opts.get("slurm_options") or {})
-        if opts.get("time_in_mins") is not None:
-            overrides["time_in_mins"] = parse_time(opts["time_in_mins"])
-        return resolve_slurm_config(
-            self.settings.get("SLURM_CONFIGS") or {},
-            opts.get("slurm_config_name"),
-            bool(opts.get("use_gpu")),
-            overrides,
-        )
-
     def check(self, batch: Batch) -> None:
         if shutil.which("sbatch") is None:
             raise RuntimeError(
                 "sbatch is not on PATH, so this machine cannot submit to Slurm; run the launch script "
                 "on the cluster's login node, or use mode='sss' (writes the scripts to copy there)"
             )
-        name, cfg = self.slurm_config(batch)
+        name, cfg = config_for(self.settings, batch.options)
         batch.mode_data["slurm"] = (name, cfg)
         opts = batch.options
-        for key in ("variants_per_task", "max_parallel", "max_requeue", "signal_before_timeout"):
-            value = opts.get(key)
-            if value is not None and (value < (0 if key == "max_requeue" else 1)):
-                raise ValueError(f"option {key}={value!r} must be a positive integer")
-        if opts.get("expected_duration") is not None and opts["expected_duration"] <= 0:
-            raise ValueError(f"option expected_duration={opts['expected_duration']!r} must be > 0 seconds")
         if not _PATH_OK.match(str(batch.log_root)):
             raise ValueError(
                 f"log dir {batch.log_root} has spaces, quotes or '$'; sbatch #SBATCH lines cannot "
@@ -160,7 +130,7 @@ class SlurmMode(Mode):
         n = len(batch.runs)
         # aim for tasks of at least a minute, but keep every slot of the partition busy
         k = max(1, math.floor(60.0 / float(duration)))
-        _name, cfg = batch.mode_data.get("slurm") or self.slurm_config(batch)
+        _name, cfg = batch.mode_data["slurm"]  # resolved by check()
         slots = max(1, (self.cluster_cpus(cfg.partition) or 1) // max(1, cfg.n_cpus_per_task))
         if opts.get("max_parallel"):
             slots = min(slots, int(opts["max_parallel"]))
@@ -221,7 +191,7 @@ class SlurmMode(Mode):
             batch.payload_sys_path = launcher_sys_path()
 
     def launch(self, batch: Batch) -> None:
-        name, cfg = batch.mode_data.get("slurm") or self.slurm_config(batch)
+        name, cfg = batch.mode_data["slurm"]  # resolved by check()
         opts = batch.options
         store = batch.log_root / ".snapshots"
         store.mkdir(parents=True, exist_ok=True)

@@ -19,17 +19,13 @@ from .. import __version__, bundle, records
 from ..batch import Batch
 from ..job import Job
 from ..options import Option
-from ..slurm_config import SlurmConfig, parse_time, resolve_slurm_config
+from ..slurm_config import ARRAY_OPTIONS, SLURM_OPTIONS, SlurmConfig, config_for
 from ..spec import State
 from ..templating import render
 from .base import Mode
 
 BUNDLE_OPTIONS = (
-    Option("slurm_config_name", (str,), None, "key of SLURM_CONFIGS (default: 'gpu'/'cpu' by use_gpu)"),
-    Option(
-        "time_in_mins", (int, float, str), None, "time limit: minutes or 'HH:MM:SS' (overrides the config)"
-    ),
-    Option("slurm_options", (dict,), None, "SlurmConfig fields overriding the named config"),
+    *SLURM_OPTIONS,
     Option(
         "singularity_image",
         (str,),
@@ -37,22 +33,7 @@ BUNDLE_OPTIONS = (
         "image path on the cluster (default: SSS_GPU_IMAGE/SSS_CPU_IMAGE by use_gpu; '' for none)",
     ),
     Option("python", (str,), "python3", "the cluster's Python (the launcher's minor version)"),
-    Option("signal_before_timeout", (int,), 90, "seconds before the time limit to signal the runner (USR2)"),
-    Option("skip_wait", (bool,), True, "accepted for doodad scripts; nothing runs at launch"),
 )
-
-
-def slurm_config(settings, options: dict) -> Tuple[str, SlurmConfig]:
-    """The named SlurmConfig with the call's overrides (unknown names list the known ones)."""
-    overrides = dict(options.get("slurm_options") or {})
-    if options.get("time_in_mins") is not None:
-        overrides["time_in_mins"] = parse_time(options["time_in_mins"])
-    return resolve_slurm_config(
-        settings.get("SLURM_CONFIGS") or {},
-        options.get("slurm_config_name"),
-        bool(options.get("use_gpu")),
-        overrides,
-    )
 
 
 class BundleMode(Mode):
@@ -62,14 +43,7 @@ class BundleMode(Mode):
     taskfile = False
 
     def check(self, batch: Batch) -> None:
-        name, cfg = slurm_config(self.settings, batch.options)
-        opts = batch.options
-        for key in ("variants_per_task", "max_parallel", "max_array_size", "signal_before_timeout"):
-            value = opts.get(key)
-            if value is not None and value < 1:
-                raise ValueError(f"option {key}={value!r} must be a positive integer")
-        if opts.get("max_requeue") is not None and opts["max_requeue"] < 0:
-            raise ValueError(f"option max_requeue={opts['max_requeue']!r} must be 0 or more")
+        name, cfg = config_for(self.settings, batch.options)
         bundle.check_common(self.settings, batch)
         bundle.cluster_paths(self.settings, batch, taskfile=self.taskfile)  # validates the config paths
         batch.mode_data["slurm"] = (name, cfg)
@@ -89,6 +63,23 @@ class BundleMode(Mode):
     def finish(self, batch: Batch, root: Path) -> None:
         bundle.mark_generated(batch, root)
         bundle.write_bundle_runs(batch, root)
+
+    def publish(
+        self,
+        batch: Batch,
+        root: Path,
+        cluster: bundle.ClusterPaths,
+        runner: bundle.Runner,
+        submit: str,
+        readme: dict,
+        extra: dict,
+    ) -> None:
+        """Write submit.sh, README.txt and bundle.json (``readme``/``extra``: the mode's own
+        entries), then say where the bundle is."""
+        text = self.readme_common(batch, runner, cluster)
+        text.update(readme)
+        bundle.write_common(batch, root, self.name, cluster, text, submit, extra=extra)
+        bundle.announce(root, len(batch.runs), self.name)
 
     def readme_common(self, batch: Batch, runner: bundle.Runner, cluster: bundle.ClusterPaths) -> dict:
         import cloudpickle
@@ -135,16 +126,18 @@ class SssMode(BundleMode):
     name = "sss"
     options = (
         *BUNDLE_OPTIONS,
-        Option("variants_per_task", (int,), None, "variants run one after another in one array task"),
-        Option("max_parallel", (int,), None, "array concurrency limit (%k)"),
+        *ARRAY_OPTIONS,
         Option(
-            "max_array_size", (int,), 1000, "array tasks per sbatch script (the cluster's MaxArraySize - 1)"
+            "max_array_size",
+            (int,),
+            1000,
+            "array tasks per sbatch script (the cluster's MaxArraySize - 1)",
+            1,
         ),
-        Option("max_requeue", (int,), 3, "requeues allowed for checkpointable functions"),
     )
 
     def launch(self, batch: Batch) -> None:
-        name, cfg = batch.mode_data.get("slurm") or slurm_config(self.settings, batch.options)
+        name, cfg = batch.mode_data["slurm"]  # resolved by check()
         opts = batch.options
         root, cluster, zips = self.start(batch)
         k = int(opts.get("variants_per_task") or 1)
@@ -210,22 +203,19 @@ class SssMode(BundleMode):
             runner=runner,
             python_minor=bundle.python_version(),
         )
-        readme = self.readme_common(batch, runner, cluster)
-        readme.update(
-            n_scripts=len(scripts),
-            n_groups=len(groups),
-            variants_per_task=k,
-            max_parallel=limit,
-            slurm_config_name=name,
-            directives=[shlex.quote(d) for d in directives],
-        )
-        bundle.write_common(
+        self.publish(
             batch,
             root,
-            self.name,
             cluster,
-            readme,
+            runner,
             submit,
+            readme=dict(
+                n_scripts=len(scripts),
+                n_groups=len(groups),
+                variants_per_task=k,
+                max_parallel=limit,
+                slurm_config_name=name,
+                directives=[shlex.quote(d) for d in directives],
+            ),
             extra={"scripts": scripts, "slurm_config": name, "variants_per_task": k},
         )
-        bundle.announce(root, n, self.name)
