@@ -8,7 +8,7 @@ Local modes need none of it. Written by `easylaunch init`.
 # code directories recorded (git) and shipped; default: the launch script's repository
 CODE_DIRS_TO_MOUNT = None
 
-# data dirs: dicts of local_dir and mount_point
+# data dirs for containers: dicts of local_dir, mount_point and read_only (default True)
 NON_CODE_DIRS_TO_MOUNT = []
 
 # where run directories go (else $EASYLAUNCH_LOG_DIR, else ./easylaunch-logs)
@@ -17,13 +17,19 @@ LOCAL_LOG_DIR = None
 # output dir inside containers/VMs
 OUTPUT_DIR_FOR_DOODAD_TARGET = '/tmp/doodad-output/'
 
-# local/local_pool: runs at once (default: CPU count)
+# local modes and local_docker: runs at once (default: CPU count)
 MAX_PARALLEL = None
 
-# s3://bucket/prefix for EC2 outputs
+# seconds a run gets to stop after a cancel or its timeout before it is killed (SIGKILL)
+CANCEL_GRACE = 10
+
+# local_docker: daemon URL (default: $DOCKER_HOST, else the local socket)
+DOCKER_HOST = None
+
+# ec2: s3://BUCKET/PREFIX where code, payloads and every run's outputs go
 AWS_S3_PATH = None
 
-# Docker image for CPU runs
+# Docker image for CPU runs (ec2/gcp: runs in it on the instance; '' or None: the VM's python3)
 DOODAD_DOCKER_IMAGE = None
 
 # Docker image for GPU runs
@@ -41,25 +47,46 @@ SPOT_PRICE = 0.3
 # EC2 spot bid for GPU runs (USD/hour)
 GPU_SPOT_PRICE = 0.5
 
-# region -> AMI id
+# ec2: region -> AMI id (an image with python3, and Docker when a docker_image is used)
 REGION_TO_GPU_AWS_IMAGE_ID = {}
 
-# glob patterns synced to S3
+# doodad only; ignored: ec2/gcp sync everything a run writes (doodad's list lost files)
 AWS_FILE_TYPES_TO_SAVE = ('*.txt', '*.csv', '*.json', '*.gz', '*.tar', '*.log', '*.pkl', '*.mp4', '*.png', '*.jpg', '*.jpeg', '*.patch', '*.html')
 
-# name -> dict(username=..., hostname=..., port=22)
+# ec2: AMI for CPU runs (default: REGION_TO_GPU_AWS_IMAGE_ID[region])
+AWS_IMAGE_ID = None
+
+# ec2: IAM instance profile the instances get (their only credentials: S3 access)
+AWS_IAM_INSTANCE_PROFILE_NAME = None
+
+# ec2: security group names
+AWS_SECURITY_GROUPS = []
+
+# ec2: security group ids
+AWS_SECURITY_GROUP_IDS = []
+
+# ec2: key pair name for SSH into the instances (optional)
+AWS_KEY_NAME = None
+
+# ec2: default region
+AWS_REGION = 'us-east-1'
+
+# ec2/gcp: a launch that would start more instances than this is refused (money guard)
+MAX_INSTANCES = 10
+
+# mode ssh: name -> dict(hostname, username, port=22, key_file, known_hosts='~/.ssh/known_hosts', python='python3', log_dir, trust_on_first_use=False, proxy_jump, max_parallel, docker_host, docker_root); a Host of ~/.ssh/config works as a name too
 SSH_HOSTS = {}
 
-# key of SSH_HOSTS used when ssh_host is not given
+# mode ssh: the host used when ssh_host is not given
 SSH_DEFAULT_HOST = None
 
-# private key file for SSH
+# mode ssh: key file of SSH_HOSTS entries without key_file (when it exists)
 SSH_PRIVATE_KEY = '~/.ssh/id_rsa'
 
-# log dir on SSH hosts
+# mode ssh: log dir on the hosts (an entry's log_dir wins)
 SSH_LOG_DIR = '~/easylaunch-logs'
 
-# scratch dir on SSH hosts
+# doodad only; ignored (runs live in the remote log dir)
 SSH_TMP_DIR = '~/.cache/easylaunch'
 
 # image for local_singularity / slurm_singularity
@@ -113,5 +140,8 @@ GCP_BUCKET_NAME = None
 # zone, instance_type, image_project, terminate, preemptible, gpu_kwargs
 GCP_DEFAULT_KWARGS = {}
 
-# glob patterns synced to GCS
+# doodad only; ignored: ec2/gcp sync everything a run writes (doodad's list lost files)
 GCP_FILE_TYPES_TO_SAVE = ('*.txt', '*.csv', '*.json', '*.gz', '*.tar', '*.log', '*.pkl', '*.mp4', '*.png', '*.jpg', '*.jpeg', '*.patch', '*.html')
+
+# gcp: Compute API root (default: $EASYLAUNCH_GCP_COMPUTE_ENDPOINT, else Google's)
+GCP_COMPUTE_ENDPOINT = None

@@ -9,6 +9,14 @@
     job = run_experiment(fn, exp_name="demo", mode="local", variant={"lr": 0.1})
     print(job.state, job.result())
 
+    from easylaunch import Executor
+
+    with Executor(mode="local_pool", exp_name="demo") as ex:   # a concurrent.futures.Executor
+        print(list(ex.map(pow, [2, 3], [5, 5])))               # of plain functions: [32, 243]
+
+``import easylaunch.submitit_compat as submitit`` runs submitit scripts; Hydra finds the
+``hydra/launcher=easylaunch`` plugin (``pip install easylaunch[hydra]``).
+
 Names are loaded lazily so that the runner (``python -m easylaunch.runner``) starts fast.
 """
 
@@ -26,18 +34,28 @@ _EXPORTS = {
     "Job": "easylaunch.job",
     "Sweep": "easylaunch.job",
     "JobError": "easylaunch.job",
+    "JobCancelled": "easylaunch.job",
+    "Executor": "easylaunch.executor",
+    "Command": "easylaunch.command",
+    "CommandFailed": "easylaunch.command",
+    "DelayedSubmission": "easylaunch.executor",
+    "current": "easylaunch.context",
     "load_experiment": "easylaunch.job",
     "DoodadConfig": "easylaunch.spec",
     "GitInfo": "easylaunch.spec",
     "State": "easylaunch.spec",
+    "FunctionExit": "easylaunch.spec",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import relaunch, run_experiment, run_sweep
-    from .job import Job, JobError, Sweep, load_experiment
-    from .spec import DoodadConfig, GitInfo, State
+    from .command import Command, CommandFailed
+    from .context import current
+    from .executor import DelayedSubmission, Executor
+    from .job import Job, JobCancelled, JobError, Sweep, load_experiment
+    from .spec import DoodadConfig, FunctionExit, GitInfo, State
     from .sweep import grid
 
 

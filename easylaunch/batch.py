@@ -21,9 +21,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__, records
-from .config import Settings, is_secret
+from .config import Settings, scrub_secrets
 from .gitinfo import capture_git_infos, launch_script_dir, patch_files, repo_root
-from .payload import build_payload, python_version
+from .payload import (
+    VALUE,
+    build_payload,
+    code_files,
+    encode_function,
+    encode_variant,
+    python_version,
+    transport_for,
+)
 from .spec import DoodadConfig, GitInfo, State
 
 
@@ -35,6 +43,12 @@ class RunSpec:
     run_dir: Path
     variant: dict
     variant_blob: bytes
+    #: what variant.json and the manifest show, when not ``variant`` itself (Executor calls)
+    recorded_variant: Optional[dict] = None
+
+    @property
+    def shown_variant(self) -> dict:
+        return self.variant if self.recorded_variant is None else self.recorded_variant
 
     @property
     def payload_path(self) -> Path:
@@ -59,6 +73,8 @@ class Batch:
     log_root: Path
     variants: List[dict]
     variant_blobs: List[bytes]
+    #: what each run's variant.json and manifest show, when not the variant itself
+    recorded_variants: Optional[List[dict]] = None
     runs: List[RunSpec] = field(default_factory=list)
     batch_id: str = ""
     created: float = field(default_factory=time.time)
@@ -69,13 +85,28 @@ class Batch:
     #: extra payload header entries (sys_path, snapshot) set by the mode before materialize
     payload_sys_path: List[str] = field(default_factory=list)
     payload_snapshot: Optional[dict] = None
+    #: a snapshot recorded in the payloads but not activated by the runner (local modes)
+    kept_snapshot: Optional[dict] = None
+    #: the code snapshot of the run being relaunched (its payload's ``snapshot``, archive
+    #: located): shipped instead of a new snapshot of the code dirs
+    reuse_snapshot: Optional[dict] = None
+    #: the run a relaunch repeats (its directory), recorded in the manifest
+    relaunch_of: Optional[str] = None
     git_infos: Optional[List[GitInfo]] = None
-    #: what the mode's check() resolved (e.g. the Slurm config), for its launch()
-    mode_data: Dict[str, Any] = field(default_factory=dict)
-    #: payloads written atomically: for modes whose jobs may start before materialize() ends
-    atomic_payloads: bool = False
+    #: the mode's runs may start before materialize() ends (Mode.starts_before_payloads):
+    #: payloads are then written atomically
+    early_start: bool = False
     #: set by the mode once anything may have run: a failure after that keeps the directories
     started: bool = False
+    #: the target's Python ("3.8", "3.10.12") where the mode knows it may differ from the
+    #: launcher's (an image's own Python); None: the runner runs this interpreter's minor
+    target_python: Optional[str] = None
+    #: how fn and variants travel, set by choose_transport(): "value" or "reference"
+    transport: str = VALUE
+    #: doodad keywords the mode does not use and ignores (manifest ``ignored_options``)
+    ignored_options: Dict[str, Any] = field(default_factory=dict)
+    #: with option gpus=: what each runner asks the GPU broker (set by the mode's check())
+    gpu_request: Optional[dict] = None
     _materialized: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,6 +123,25 @@ class Batch:
     def materialized(self) -> bool:
         """True once payloads and manifests are written."""
         return self._materialized
+
+    # -- transport -----------------------------------------------------------------------
+    def choose_transport(self) -> str:
+        """Decide how the function and variants travel to ``target_python``, before anything
+        is written (the api calls it after the mode's check()).
+
+        Same minor (or unknown): by value, the blobs stay. Another minor: by reference (module
+        + name from the code snapshot, variants as JSON), or :class:`~easylaunch.payload.TransportError`
+        naming both versions and the fixes.
+        """
+        code_dirs = self.code_dirs() if self.target_python is not None else None
+        transport = transport_for(self.fn, self.variants, self.target_python, code_dirs)
+        if transport != self.transport:
+            self.fn_blob = encode_function(self.fn, transport)
+            self.variant_blobs = [
+                encode_variant(v, transport, f"variant #{i}") for i, v in enumerate(self.variants)
+            ]
+            self.transport = transport
+        return transport
 
     # -- directories ---------------------------------------------------------------------
     def create_dirs(self) -> None:
@@ -141,9 +191,13 @@ class Batch:
             # readers find a run through its manifest (find_runs), written last and atomically,
             # so variant.json needs no temporary-file dance
             with open(run.run_dir / records.VARIANT, "wb") as f:
-                f.write(json.dumps(run.variant, indent=1, default=repr).encode() + b"\n")
+                f.write(json.dumps(run.shown_variant, indent=1, default=repr).encode() + b"\n")
 
-        runs = [RunSpec(i, d, v, self.variant_blobs[i]) for i, (d, v) in enumerate(zip(made, self.variants))]
+        shown = self.recorded_variants or [None] * n
+        runs = [
+            RunSpec(i, d, v, self.variant_blobs[i], shown[i])
+            for i, (d, v) in enumerate(zip(made, self.variants))
+        ]
         self.runs.extend(runs)
         _for_each(runs, write_run)
         records.write_same_status([r.run_dir for r in runs], status, self.exp_dir)
@@ -203,6 +257,8 @@ class Batch:
                 git_infos=[g._replace(code_diff="", code_diff_staged="") for g in config.git_infos]
             )
             first_git_dir: Optional[Path] = None
+            # tracebacks of by-value code name the launch script (cloudpickle 3 blanks it)
+            files = code_files(self.fn, self.code_dirs()) if self.transport == VALUE else None
 
             def write_run(run: RunSpec) -> None:
                 data = build_payload(
@@ -212,8 +268,12 @@ class Batch:
                     sys_path=self.payload_sys_path,
                     snapshot=self.payload_snapshot,
                     git_patches=git_patches,
+                    extra=self.payload_extra(),
+                    transport=self.transport,
+                    code_files=files,
+                    kept_snapshot=self.kept_snapshot,
                 )
-                if self.atomic_payloads:
+                if self.early_start:
                     records.atomic_write_bytes(run.payload_path, data, records.PRIVATE_MODE)
                 else:  # nobody reads it before launch() returns: one plain, private write
                     fd = os.open(run.payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, records.PRIVATE_MODE)
@@ -238,7 +298,7 @@ class Batch:
                             index=run.index,
                             run_name=run.name,
                             run_dir=str(run.run_dir),
-                            variant=run.variant,
+                            variant=run.shown_variant,
                             backend={**self.backend_common, **self.backend.get(run.index, {})},
                         ),
                         compact=True,
@@ -253,6 +313,69 @@ class Batch:
                 _for_each(self.runs[1:], write_run)
             self._materialized = True
 
+    def record_launch(self, per_run: bool = True) -> None:
+        """Write the batch's launch record (``.batches/<id>/launch.json``): what every run's
+        manifest will say about the launch and its backend ids, before the manifests exist.
+
+        A mode calls it once its runs may start (or were submitted) and before
+        :meth:`materialize`: should the launcher die in between, the runs it leaves without a
+        manifest are still listed, polled and cancellable (:func:`records.read_manifest` builds
+        their manifest from this record) instead of running unseen. ``per_run``: the per-run
+        backend facts are needed to poll or cancel a run (Slurm task ids, pids), not only the
+        shared ones (a dispatcher's supervisor file).
+        """
+        from .liveness import identity
+
+        record = {
+            "manifest": {
+                "easylaunch_version": __version__,
+                "exp_name": self.exp_name,
+                "base_exp_name": self.base_exp_name,
+                "mode": self.mode_name,
+                "options": _scrub_secrets(
+                    {
+                        k: (v if not isinstance(v, os.PathLike) else os.fspath(v))
+                        for k, v in self.options.items()
+                    }
+                ),
+                "ignored_options": _jsonable_options(self.ignored_options),
+                "batch_id": self.batch_id,
+                "batch_size": len(self.runs),
+                "function": f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', repr(self.fn))}",
+                "host": records.hostname(),
+                "command": sys.argv,
+                "launched": self.created,
+            },
+            "backend_common": self.backend_common,
+            "backend": {str(i): facts for i, facts in self.backend.items()} if per_run else {},
+            "launcher": identity(),
+        }
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(record, sort_keys=True, default=repr).encode()  # one line: large sweeps
+        records.atomic_write_bytes(self.sweep_dir / records.LAUNCH_RECORD, data + b"\n")
+
+    def payload_extra(self) -> dict:
+        """Per-run settings the runner reads from the payload header (``timeout``,
+        ``cancel_grace``: the option, else config CANCEL_GRACE when it is not the default;
+        ``monitor``: the sampling period when it is not the default)."""
+        extra = {}
+        timeout = self.options.get("timeout")
+        if timeout:
+            extra["timeout"] = float(timeout)
+        grace = self.cancel_grace()
+        if grace != DEFAULT_CANCEL_GRACE:
+            extra["cancel_grace"] = grace
+        monitor = self.options.get("monitor")
+        if monitor is not None and float(monitor) != DEFAULT_MONITOR_PERIOD:
+            extra["monitor"] = float(monitor)
+        if self.gpu_request is not None:
+            extra["gpu"] = self.gpu_request
+        return extra
+
+    def cancel_grace(self) -> float:
+        """Seconds between a cancel (or the timeout's interrupt) and the kill."""
+        return cancel_grace(self.options, self.settings)
+
     def _manifest_common(self) -> dict:
         options = _scrub_secrets(
             {k: (v if not isinstance(v, os.PathLike) else os.fspath(v)) for k, v in self.options.items()}
@@ -263,6 +386,7 @@ class Batch:
             "base_exp_name": self.base_exp_name,
             "mode": self.mode_name,
             "options": options,
+            "ignored_options": _jsonable_options(self.ignored_options),
             "config_file": str(self.settings.source) if self.settings.source else None,
             "batch_id": self.batch_id,
             "batch_size": len(self.runs),
@@ -276,8 +400,12 @@ class Batch:
                 }
                 for g in (self.git_infos or [])
             ],
+            "code_snapshot": _snapshot_entry(self.payload_snapshot or self.kept_snapshot),
+            "relaunch_of": self.relaunch_of,
             "python": sys.version.split()[0],
             "python_minor": python_version(),
+            "target_python": self.target_python,
+            "transport": self.transport,
             "executable": sys.executable,
             "packages": package_versions(),
             "host": records.hostname(),
@@ -289,13 +417,41 @@ class Batch:
         }
 
 
-def _scrub_secrets(value: Any) -> Any:
-    """``value`` without secret-looking keys at any depth (e.g. extra_launch_info's)."""
-    if isinstance(value, dict):
-        return {k: _scrub_secrets(v) for k, v in value.items() if not (isinstance(k, str) and is_secret(k))}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_scrub_secrets(v) for v in value)
-    return value
+def _snapshot_entry(info: Optional[dict]) -> Optional[dict]:
+    """What a manifest says of the code snapshot: its id, archive, roots, size (or None)."""
+    if not info:
+        return None
+    return {
+        "id": info.get("id"),
+        "archive": info.get("archive"),
+        "roots": [r.get("source") or r.get("name") for r in info.get("roots") or []],
+        "files": info.get("files"),
+        "bytes": info.get("bytes"),
+    }
+
+
+#: what CANCEL_GRACE defaults to (easylaunch.runner.DEFAULT_CANCEL_GRACE on the target side)
+DEFAULT_CANCEL_GRACE = 10.0
+#: the runner's resource sampling period when the payload names none (runner.DEFAULT_MONITOR_PERIOD)
+DEFAULT_MONITOR_PERIOD = 1.0
+
+
+def cancel_grace(options: Dict[str, Any], settings: Any) -> float:
+    """``cancel_grace`` of a launch: the option, else config CANCEL_GRACE, else 10 s."""
+    value = options.get("cancel_grace")
+    if value is None:
+        value = settings.get("CANCEL_GRACE") if settings is not None else None
+    return float(DEFAULT_CANCEL_GRACE if value is None else value)
+
+
+_scrub_secrets = scrub_secrets
+
+
+def _jsonable_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """Options as the manifest shows them: paths as str, secret-looking keys left out."""
+    return _scrub_secrets(
+        {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()}
+    )
 
 
 #: large batches write their run directories from several threads when the filesystem is slow:

@@ -31,12 +31,13 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from . import __version__, records
+from . import __version__, records, txlog
 from .payload import python_version
+from .runtimes import Mount, PlainRuntime, RunnerCommand, Runtime, Shell, apptainer_runtime, sh
 from .spec import TERMINAL_STATES, State
 
 if TYPE_CHECKING:
@@ -103,24 +104,6 @@ def bundle_name(batch: Batch) -> str:
 # -- how the runner starts on the cluster --------------------------------------------------
 
 
-@dataclass
-class Runner:
-    """How a job starts ``python -m easylaunch.runner`` on the cluster (rendered by templates)."""
-
-    python: str
-    pythonpath: List[str]  # file names in <logs>/.snapshots
-    image: Optional[str] = None
-    singularity_args: List[str] = field(default_factory=list)
-    binds: List[str] = field(default_factory=list)
-    bind_logs: bool = False
-    pre_cmds: List[str] = field(default_factory=list)
-
-    @property
-    def inner(self) -> str:
-        """The ``bash -c`` script that runs SSS_PRE_CMDS inside the container, then the runner."""
-        return "\n".join([*self.pre_cmds, f'exec {shlex.quote(self.python)} -m easylaunch.runner "$@"'])
-
-
 def resolve_image(settings, options: dict) -> Optional[str]:
     """The image: option singularity_image ('' = none), else SSS_GPU_IMAGE/SSS_CPU_IMAGE by use_gpu."""
     image = options.get("singularity_image")
@@ -131,45 +114,47 @@ def resolve_image(settings, options: dict) -> Optional[str]:
 
 def check_common(settings, batch: Batch) -> None:
     """Validation shared by sss and htp (before anything is written)."""
-    opts = batch.options
-    python = opts.get("python")
+    python = batch.options.get("python")
     if not python or not str(python).strip() or "\n" in str(python):
         raise ValueError(f"option python={python!r} must name the cluster's Python, e.g. 'python3'")
-    extra = settings.get("BRC_EXTRA_SINGULARITY_ARGS") or ""
     try:
-        shlex.split(extra)
+        make_runtime(settings, batch.options, ClusterPaths())
     except ValueError as exc:
-        raise BundleError(f"config BRC_EXTRA_SINGULARITY_ARGS = {extra!r} cannot be parsed: {exc}") from None
-    for i, line in enumerate(settings.get("SSS_PRE_CMDS") or []):
-        if not isinstance(line, str):
-            raise BundleError(f"config SSS_PRE_CMDS[{i}] = {line!r} must be a string (one shell line)")
-    for i, mount in enumerate(settings.get("SSS_NON_CODE_DIRS_TO_MOUNT") or []):
-        if not (isinstance(mount, dict) and mount.get("local_dir") and mount.get("mount_point")):
-            raise BundleError(
-                f"config SSS_NON_CODE_DIRS_TO_MOUNT[{i}] = {mount!r} must be a dict with local_dir "
-                "(a path on the cluster) and mount_point (where the container sees it)"
-            )
+        raise BundleError(str(exc)) from None
 
 
-def make_runner(settings, options: dict, store_files: Sequence[str], cluster: ClusterPaths) -> Runner:
+def make_runtime(settings, options: dict, cluster: ClusterPaths) -> Runtime:
+    """How the bundle's jobs start the runner on the cluster: its ``python``, or inside the image
+    (binding the bundle, the configured log dir and SSS_NON_CODE_DIRS_TO_MOUNT). SSS_PRE_CMDS run
+    first; inside the container when there is one, as in doodad."""
     image = resolve_image(settings, options)
-    runner = Runner(
-        python=str(options.get("python") or "python3"),
-        pythonpath=list(store_files),
-        image=image,
-        pre_cmds=[str(line) for line in settings.get("SSS_PRE_CMDS") or []],
+    python = str(options.get("python") or "python3")
+    pre_cmds = [line for line in settings.get("SSS_PRE_CMDS") or []]
+    for i, line in enumerate(pre_cmds):
+        if not isinstance(line, str):
+            raise ValueError(f"config SSS_PRE_CMDS[{i}] = {line!r} must be a string (one shell line)")
+    if not image:
+        return PlainRuntime(python=python, pre_cmds=pre_cmds)
+    binds = [Mount(Shell('"$BUNDLE"'), read_only=False)]
+    if cluster.logs:
+        binds.append(Mount(Shell('"$LOGS"'), read_only=False))
+    return apptainer_runtime(
+        settings,
+        image,
+        gpu=bool(options.get("use_gpu")),
+        binds=binds,
+        mounts_key="SSS_NON_CODE_DIRS_TO_MOUNT",
+        mounts_read_only=False,
+        inner_pre_cmds=pre_cmds,
+        here=False,
+        python=python,
     )
-    if image:
-        args: List[str] = []
-        if options.get("use_gpu"):
-            args.append("--nv")
-        args.extend(shlex.split(settings.get("BRC_EXTRA_SINGULARITY_ARGS") or ""))
-        runner.singularity_args = args
-        runner.binds = [
-            f"{m['local_dir']}:{m['mount_point']}" for m in settings.get("SSS_NON_CODE_DIRS_TO_MOUNT") or []
-        ]
-        runner.bind_logs = cluster.logs is not None
-    return runner
+
+
+def runner_command(runtime: Runtime, zips: Sequence[str]) -> RunnerCommand:
+    """The runtime's command with the bundle's easylaunch and cloudpickle zips (in the log dir's
+    ``.snapshots``, found where the job runs) on its PYTHONPATH."""
+    return runtime.command([sh(Shell('"$LOGS"'), f"/{STORE}/{name}") for name in zips])
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -185,48 +170,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def prepare_code(batch: Batch, bundle: Path) -> List[str]:
-    """Snapshot the code and ship easylaunch + cloudpickle into ``<bundle>/logs/.snapshots``.
+    """Ship the code (snapshot, easylaunch and cloudpickle zips) into ``<bundle>/logs/.snapshots``.
 
     Archives are made in the log dir's shared store (hash cache, one copy per content) and
     hard-linked into the bundle. The payloads name the snapshot by id only, so the runner finds
     it in ``.snapshots/`` two levels above its run directory, wherever the bundle is. Returns the
     file names to put on the runner's PYTHONPATH.
     """
-    from .selfzip import cloudpickle_zip, easylaunch_zip
+    from .shipping import ship
 
-    shared = batch.log_root / STORE
-    shared.mkdir(parents=True, exist_ok=True)
+    shipment = ship(batch, batch.log_root / STORE, zips=True, include_easylaunch=True, same_machine=False)
     store = bundle / LOGS / STORE
     store.mkdir(parents=True, exist_ok=True)
-    code_dirs = batch.code_dirs()
-    if code_dirs:
-        from . import snapshot
-
-        info = dict(snapshot.create(code_dirs, shared))
-        _link_or_copy(Path(info.pop("archive")), store / info["archive_name"])
-        batch.payload_snapshot = info
-    else:
-        batch.payload_sys_path = []  # launcher paths mean nothing on the cluster
-    zips = [easylaunch_zip(shared), cloudpickle_zip(shared)]
-    for z in zips:
+    if shipment.snapshot:
+        _link_or_copy(Path(shipment.snapshot["archive"]), store / shipment.snapshot["archive_name"])
+    for z in shipment.zips:
         _link_or_copy(z, store / z.name)
-    return [z.name for z in zips]
+    return [z.name for z in shipment.zips]
 
 
 def mark_generated(batch: Batch, bundle: Path) -> None:
-    """Local run directories: state GENERATED (nothing was submitted).
+    """Local run directories: state GENERATED (nothing was submitted)."""
+    from . import transitions
 
-    Every run's status is still the identical PENDING record the batch wrote, so the new
-    record is written once and hard-linked into each (see records.write_same_status).
-    """
-    if not batch.runs:
-        return
     message = f"bundle written to {bundle}; nothing submitted: copy it to the cluster and run submit.sh"
-    status = records.read_status(batch.runs[0].run_dir)
-    now = time.time()
-    status.update(state=str(State.GENERATED), message=message)
-    status.setdefault("history", []).append([str(State.GENERATED), now])
-    records.write_same_status([run.run_dir for run in batch.runs], status, batch.exp_dir)
+    transitions.generated([run.run_dir for run in batch.runs], message, batch.exp_dir)
 
 
 def write_bundle_runs(batch: Batch, bundle: Path) -> Path:
@@ -437,6 +405,7 @@ def collect_run(source: Path, base_log_dir: Optional[str] = None) -> Collected:
         manifest.setdefault("backend", {})["collected"] = {"from": str(source), "at": time.time()}
         records.atomic_write_json(target / records.MANIFEST, manifest)
         records.atomic_write_json(target / records.STATUS, incoming)
+        txlog.restore_launch_lines(target, manifest, incoming)
         return Collected(source, target, "new")
     local = records.read_status(target)
     local_terminal = local.get("state") in TERMINAL_STATES
@@ -448,7 +417,9 @@ def collect_run(source: Path, base_log_dir: Optional[str] = None) -> Collected:
     _copy_tree(source, target, (records.STATUS, records.MANIFEST, records.VARIANT))
     records.update_manifest(target, {"backend": {"collected": {"from": str(source), "at": time.time()}}})
     # last: once the state says COMPLETED, result.pkl is already in place
-    records.atomic_write_json(target / records.STATUS, _merge_status(local, incoming))
+    merged = _merge_status(local, incoming)
+    records.atomic_write_json(target / records.STATUS, merged)
+    txlog.restore_launch_lines(target, manifest, merged)
     return Collected(source, target, "updated")
 
 

@@ -1,7 +1,10 @@
 """The ``easylaunch`` command: inspect, follow, cancel and relaunch runs from their directories.
 
 easylaunch ls                 # experiments under the log dir
-easylaunch ls EXP             # runs of one experiment: state, mode, variant, age
+easylaunch ls EXP             # runs of one experiment: state, mode, variant, peak memory, CPU time, age
+easylaunch plot RUN|EXP [-o F.png] [--term]   # memory and CPU over time
+easylaunch run [--mode M] [--name EXP] [-O KEY=VALUE] -- CMD ...      # one command as a job
+easylaunch sweep --grid 'lr=1e-3,1e-4' --grid 'seed=0:3' [--mode M] -- CMD ...
 easylaunch status RUN         # RUN is a run directory or a run name
 easylaunch logs RUN [-f] [--stderr]
 easylaunch result RUN
@@ -9,6 +12,7 @@ easylaunch cancel RUN|EXP
 easylaunch relaunch RUN [--mode MODE]
 easylaunch init [PATH] [--force]
 easylaunch collect DIR         # runs copied back from a cluster (sss/htp bundles) -> the log dir
+easylaunch timeline EXP [-o out.png] [--mode tasks|workers] [--csv out.csv] [--stats]
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Optional, Sequence
 
 from . import records
 from .config import KEYS, load_settings, log_root
-from .job import Job, Sweep, find_runs, refresh_states
+from .job import Job, JobError, Sweep, find_runs, refresh_states
 from .spec import TERMINAL_STATES, State
 from .sweep import summarize
 
@@ -91,7 +95,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 continue
             jobs = [Job(r) for r in runs]
             refresh_states(jobs)
-            counts = Counter(j._state.value for j in jobs)
+            counts = Counter(j.last_state.value for j in jobs)
             table.add_row(
                 exp.name,
                 str(len(runs)),
@@ -109,10 +113,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     refresh_states(jobs)
     table = Table(title=f"{args.exp} ({len(jobs)} runs)")
     show_ids = any(job.job_id != job.run_dir.name for job in jobs)
-    for col in ("run", "state", "mode", *(["job id"] if show_ids else []), "variant", "launched"):
+    from .cli_resources import resource_cells
+
+    columns = ("run", "state", "mode", *(["job id"] if show_ids else []), "variant", "peak mem", "cpu time")
+    for col in (*columns, "launched"):
         table.add_column(col, overflow="fold")
     for job in jobs:
-        st = job._state
+        st = job.last_state
         ids = [job.job_id] if show_ids else []
         table.add_row(
             job.run_dir.name,
@@ -120,6 +127,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             job.manifest.get("mode", "?"),
             *ids,
             summarize(job.variant),
+            *resource_cells(job.status),
             _age(job.manifest.get("launched")),
         )
     console.print(table)
@@ -163,6 +171,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = job.run_dir / (records.STDERR if args.stderr else records.STDOUT)
     pos = 0
     while True:
+        job.fetch()  # a remote run (mode ssh): its new output comes into the run dir first
         try:
             with open(path, "rb") as f:
                 f.seek(pos)
@@ -182,7 +191,11 @@ def cmd_result(args: argparse.Namespace) -> int:
     job = Job.load(resolve_run(args.run, _root(args)))
     state = job.state
     if state is State.COMPLETED:
-        print(repr(job.result()))
+        try:
+            print(repr(job.result()))
+        except JobError as exc:  # a result that cannot be read here: the message says why
+            print(f"easylaunch: {exc}", file=sys.stderr)
+            return 1
         return 0
     if state not in TERMINAL_STATES:
         print(f"easylaunch: run is {state.value}; wait with `easylaunch logs -f {args.run}`", file=sys.stderr)
@@ -260,7 +273,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         table.add_column(col, overflow="fold")
     limit = 200
     for job, c in list(zip(jobs, seen.values()))[:limit]:
-        st = job._state
+        st = job.last_state
         table.add_row(
             job.run_dir.name,
             job.run_dir.parent.name,
@@ -270,7 +283,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     console.print(table)
     if len(jobs) > limit:
         print(f"... and {len(jobs) - limit} more")
-    states = Counter(j._state.value for j in jobs)
+    states = Counter(j.last_state.value for j in jobs)
     actions = Counter(c.action for c in seen.values())
     print(
         "states: "
@@ -327,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="what came back: a bundle, its logs/ dir, an experiment dir or run dirs")
     p.set_defaults(func=cmd_collect)
+    from . import cli_gpu, cli_launch, cli_resources, cli_timeline
+
+    cli_resources.register(sub)
+    cli_launch.register(sub)
+    cli_timeline.register(sub)
+    cli_gpu.register(sub)
     p = sub.add_parser("init", help="write a documented config file")
     p.add_argument("path", nargs="?")
     p.add_argument("--force", action="store_true")

@@ -58,32 +58,58 @@ KEYS: dict[str, Key] = {
     "CODE_DIRS_TO_MOUNT": Key(
         _L, None, "code directories recorded (git) and shipped; default: the launch script's repository"
     ),
-    "NON_CODE_DIRS_TO_MOUNT": Key(_L, [], "data dirs: dicts of local_dir and mount_point"),
+    "NON_CODE_DIRS_TO_MOUNT": Key(
+        _L, [], "data dirs for containers: dicts of local_dir, mount_point and read_only (default True)"
+    ),
     "LOCAL_LOG_DIR": Key(
         _S, None, "where run directories go (else $EASYLAUNCH_LOG_DIR, else ./easylaunch-logs)"
     ),
     "OUTPUT_DIR_FOR_DOODAD_TARGET": Key(_S, "/tmp/doodad-output/", "output dir inside containers/VMs"),
-    "MAX_PARALLEL": Key((int,), None, "local/local_pool: runs at once (default: CPU count)"),
+    "MAX_PARALLEL": Key((int,), None, "local modes and local_docker: runs at once (default: CPU count)"),
+    "CANCEL_GRACE": Key(
+        _N, 10, "seconds a run gets to stop after a cancel or its timeout before it is killed (SIGKILL)"
+    ),
+    # containers
+    "DOCKER_HOST": Key(_S, None, "local_docker: daemon URL (default: $DOCKER_HOST, else the local socket)"),
     # AWS
-    "AWS_S3_PATH": Key(_S, None, "s3://bucket/prefix for EC2 outputs"),
-    "DOODAD_DOCKER_IMAGE": Key(_S, None, "Docker image for CPU runs"),
+    "AWS_S3_PATH": Key(_S, None, "ec2: s3://BUCKET/PREFIX where code, payloads and every run's outputs go"),
+    "DOODAD_DOCKER_IMAGE": Key(_S, None, "Docker image for CPU runs (ec2/gcp: runs in it on the instance; '' or None: the VM's python3)"),
     "GPU_DOODAD_DOCKER_IMAGE": Key(_S, None, "Docker image for GPU runs"),
     "INSTANCE_TYPE": Key(_S, "c4.2xlarge", "EC2 instance type for CPU runs"),
     "GPU_INSTANCE_TYPE": Key(_S, "g3.4xlarge", "EC2 instance type for GPU runs"),
     "SPOT_PRICE": Key(_N, 0.3, "EC2 spot bid for CPU runs (USD/hour)"),
     "GPU_SPOT_PRICE": Key(_N, 0.5, "EC2 spot bid for GPU runs (USD/hour)"),
-    "REGION_TO_GPU_AWS_IMAGE_ID": Key(_D, {}, "region -> AMI id"),
+    "REGION_TO_GPU_AWS_IMAGE_ID": Key(_D, {}, "ec2: region -> AMI id (an image with python3, and Docker when a docker_image is used)"),
     "AWS_FILE_TYPES_TO_SAVE": Key(
         _L,
         _SYNC_PATTERNS,
-        "glob patterns synced to S3",
+        "doodad only; ignored: ec2/gcp sync everything a run writes (doodad's list lost files)",
+    ),
+    "AWS_IMAGE_ID": Key(_S, None, "ec2: AMI for CPU runs (default: REGION_TO_GPU_AWS_IMAGE_ID[region])"),
+    "AWS_IAM_INSTANCE_PROFILE_NAME": Key(
+        _S, None, "ec2: IAM instance profile the instances get (their only credentials: S3 access)"
+    ),
+    "AWS_SECURITY_GROUPS": Key(_L, [], "ec2: security group names"),
+    "AWS_SECURITY_GROUP_IDS": Key(_L, [], "ec2: security group ids"),
+    "AWS_KEY_NAME": Key(_S, None, "ec2: key pair name for SSH into the instances (optional)"),
+    "AWS_REGION": Key(_S, "us-east-1", "ec2: default region"),
+    "MAX_INSTANCES": Key(
+        (int,), 10, "ec2/gcp: a launch that would start more instances than this is refused (money guard)"
     ),
     # SSH
-    "SSH_HOSTS": Key(_D, {}, "name -> dict(username=..., hostname=..., port=22)"),
-    "SSH_DEFAULT_HOST": Key(_S, None, "key of SSH_HOSTS used when ssh_host is not given"),
-    "SSH_PRIVATE_KEY": Key(_S, "~/.ssh/id_rsa", "private key file for SSH"),
-    "SSH_LOG_DIR": Key(_S, "~/easylaunch-logs", "log dir on SSH hosts"),
-    "SSH_TMP_DIR": Key(_S, "~/.cache/easylaunch", "scratch dir on SSH hosts"),
+    "SSH_HOSTS": Key(
+        _D,
+        {},
+        "mode ssh: name -> dict(hostname, username, port=22, key_file, known_hosts='~/.ssh/known_hosts', "
+        "python='python3', log_dir, trust_on_first_use=False, proxy_jump, max_parallel, docker_host, "
+        "docker_root); a Host of ~/.ssh/config works as a name too",
+    ),
+    "SSH_DEFAULT_HOST": Key(_S, None, "mode ssh: the host used when ssh_host is not given"),
+    "SSH_PRIVATE_KEY": Key(
+        _S, "~/.ssh/id_rsa", "mode ssh: key file of SSH_HOSTS entries without key_file (when it exists)"
+    ),
+    "SSH_LOG_DIR": Key(_S, "~/easylaunch-logs", "mode ssh: log dir on the hosts (an entry's log_dir wins)"),
+    "SSH_TMP_DIR": Key(_S, "~/.cache/easylaunch", "doodad only; ignored (runs live in the remote log dir)"),
     # Singularity / Slurm
     "SINGULARITY_IMAGE": Key(_S, None, "image for local_singularity / slurm_singularity"),
     "SINGULARITY_PRE_CMDS": Key(_L, [], "shell lines run before the runner in singularity modes"),
@@ -110,7 +136,10 @@ KEYS: dict[str, Key] = {
     "GCP_FILE_TYPES_TO_SAVE": Key(
         _L,
         _SYNC_PATTERNS,
-        "glob patterns synced to GCS",
+        "doodad only; ignored: ec2/gcp sync everything a run writes (doodad's list lost files)",
+    ),
+    "GCP_COMPUTE_ENDPOINT": Key(
+        _S, None, "gcp: Compute API root (default: $EASYLAUNCH_GCP_COMPUTE_ENDPOINT, else Google's)"
     ),
 }
 
@@ -125,6 +154,15 @@ def is_secret(name: str) -> bool:
     """True for names that look like they hold credentials (never written to manifests)."""
     upper = name.upper()
     return any(word in upper for word in SECRET_WORDS)
+
+
+def scrub_secrets(value: Any) -> Any:
+    """``value`` without secret-looking keys at any depth (dicts, lists and tuples walked)."""
+    if isinstance(value, Mapping):
+        return {k: scrub_secrets(v) for k, v in value.items() if not (isinstance(k, str) and is_secret(k))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(scrub_secrets(v) for v in value)
+    return value
 
 
 def find_config_file() -> Optional[Path]:

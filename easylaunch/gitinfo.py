@@ -63,7 +63,7 @@ def _one(directory: str) -> Optional[GitInfo]:
     import git
 
     try:
-        repo = git.Repo(directory, search_parent_directories=True)
+        repo = git.Repo(directory, search_parent_directories=True, expand_vars=False)  # a path is a path
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
         return None
     try:

@@ -13,6 +13,7 @@ Layout of ``<log dir>/<exp_name>/<run name>/`` (documented in README.md)::
     exception.pkl    the exception object itself, when it could be pickled
     git/             one ``.diff`` and one ``.staged.diff`` per code directory
     cancel.requested present once somebody asked for the run to be cancelled
+    events.jsonl     this run's lines of the transaction log (see easylaunch.txlog)
 
 Every JSON file is written to a temporary name and renamed into place, so a reader never
 sees half a file.
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import txlog
+
 MANIFEST = "manifest.json"
 VARIANT = "variant.json"
 PAYLOAD = "payload.pkl"
@@ -38,6 +41,8 @@ ERROR = "error.json"
 EXCEPTION = "exception.pkl"
 GIT_DIR = "git"
 CANCEL_MARK = "cancel.requested"
+#: per batch, in ``<exp>/.batches/<batch id>/``: what the manifests will say, written before them
+LAUNCH_RECORD = "launch.json"
 
 PRIVATE_MODE = 0o600
 
@@ -108,6 +113,11 @@ def write_status(run_dir: Path | str, state: str, **fields: Any) -> dict:
     """Record a state transition: merges ``fields`` into the existing status, stamps the time."""
     run_dir = Path(run_dir)
     status = read_status(run_dir)
+    before = {
+        "state": status.get("state", "PENDING"),
+        "attempt": status.get("attempt"),
+        "resources": status.get("resources"),
+    }
     status.update(fields)
     status["state"] = str(state)
     status["updated"] = time.time()
@@ -115,6 +125,7 @@ def write_status(run_dir: Path | str, state: str, **fields: Any) -> dict:
     if not history or history[-1][0] != str(state):
         history.append([str(state), status["updated"]])
     atomic_write_json(run_dir / STATUS, status)
+    txlog.record_status(run_dir, before, status)
     return status
 
 
@@ -143,9 +154,42 @@ def write_same_status(run_dirs: list, status: dict, scratch: Path) -> None:
         template.unlink()
 
 
+def _launch_record_path(run_dir: Path) -> Path | None:
+    """``<exp>/.batches/<batch id>/launch.json`` for a run dir named ``<stamp>_<batch id>_<index>``."""
+    parts = run_dir.name.rsplit("_", 2)
+    if len(parts) != 3 or not parts[2].isdigit() or not parts[1].isalnum():
+        return None
+    return run_dir.parent / ".batches" / parts[1] / LAUNCH_RECORD
+
+
+def manifest_from_launch(run_dir: Path | str) -> dict | None:
+    """The manifest of a run whose launcher died before writing it, rebuilt from its batch's
+    launch record (see :meth:`easylaunch.batch.Batch.record_launch`); None without one."""
+    run_dir = Path(run_dir)
+    path = _launch_record_path(run_dir)
+    record = read_json(path) if path is not None and (run_dir / STATUS).exists() else None
+    if record is None:
+        return None
+    index = int(run_dir.name.rsplit("_", 1)[1])
+    return {
+        **record.get("manifest", {}),
+        "index": index,
+        "run_name": run_dir.name,
+        "run_dir": str(run_dir),
+        "variant": read_json(run_dir / VARIANT, {}),
+        "backend": {**record.get("backend_common", {}), **record.get("backend", {}).get(str(index), {})},
+        "incomplete": "the launcher stopped before it wrote this run's manifest (rebuilt from its launch record)",
+    }
+
+
 def read_manifest(run_dir: Path | str) -> dict:
-    """The run's manifest; raises FileNotFoundError naming the directory when it has none."""
+    """The run's manifest; raises FileNotFoundError naming the directory when it has none.
+
+    A run whose launcher died before writing it gets the manifest its batch's launch record
+    describes (marked ``incomplete``)."""
     manifest = read_json(Path(run_dir) / MANIFEST)
+    if manifest is None:
+        manifest = manifest_from_launch(run_dir)
     if manifest is None:
         raise FileNotFoundError(
             f"{run_dir} is not an easylaunch run directory (no {MANIFEST}); "
@@ -167,8 +211,13 @@ def update_manifest(run_dir: Path | str, updates: Mapping[str, Any]) -> dict:
 
 
 def is_run_dir(path: Path | str) -> bool:
-    """True when ``path`` holds a manifest."""
-    return (Path(path) / MANIFEST).is_file()
+    """True when ``path`` holds a manifest, or is a run of a launch record whose launcher died
+    before it wrote the manifest."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return True
+    record = _launch_record_path(path)
+    return record is not None and record.is_file() and (path / STATUS).is_file()
 
 
 def hostname() -> str:

@@ -4,7 +4,8 @@ doodad's SlurmConfig fields plus mem, qos, constraint and gres; named configs co
 SLURM_CONFIGS setting, chosen by ``slurm_config_name``, else ``gpu``/``cpu`` by ``use_gpu``::
 
     cfg = SlurmConfig(partition="debug", time_in_mins=30, n_cpus_per_task=2, mem="4G")
-    cfg.directives()   # ['--partition=debug', '--time=30', '--nodes=1', '--cpus-per-task=2', '--mem=4G']
+    cfg.argv()         # ['--partition=debug', '--time=30', '--nodes=1', '--cpus-per-task=2', '--mem=4G']
+    cfg.directives()   # the same grouped per flag, one #SBATCH line each (``sbatch_line``)
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, fields
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 from .options import Option
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\-\[\]]+$")
+#: what sbatch's #SBATCH parser (src/sbatch/opt.c) reads specially: blanks, quotes, backslash, '#'
+_SBATCH_SPECIAL = re.compile(r"[\s'\"\\#]")
 
 
 class SlurmConfigError(ValueError):
@@ -136,23 +139,27 @@ class SlurmConfig:
                 f"{where}: extra_flags={self.extra_flags!r} cannot be parsed: {exc}"
             ) from None
         for tok in tokens:
-            if "\n" in tok or not tok.strip() or '"' in tok:
-                raise SlurmConfigError(f"{where}: extra_flags token {tok!r} is not allowed")
+            bad = control_characters(tok)
+            if bad:
+                raise SlurmConfigError(
+                    f"{where}: extra_flags={self.extra_flags!r} holds {', '.join(map(repr, bad))}: "
+                    "an #SBATCH line cannot carry it (a newline would end the line); remove it"
+                )
+            if not tok.strip():
+                raise SlurmConfigError(f"{where}: extra_flags token {tok!r} is empty")
         if tokens and not tokens[0].startswith("-"):
             raise SlurmConfigError(
                 f"{where}: extra_flags={self.extra_flags!r} must start with an sbatch flag (e.g. '--qos normal')"
             )
 
-    def directives(
-        self, time_in_mins: Optional[int] = None, shape: bool = True, argv: bool = False
-    ) -> List[str]:
-        """sbatch options, one ``#SBATCH`` line each, in a stable order.
+    def argv(self, time_in_mins: Optional[int] = None, shape: bool = True) -> List[str]:
+        """sbatch command-line tokens, in a stable order (to be shell-quoted by the caller).
 
-        extra_flags are grouped per flag (``--qos normal`` stays one line: a value on a
-        ``#SBATCH`` line of its own is an invalid directive) and values with spaces are
-        double-quoted, the only quoting ``#SBATCH`` lines understand. ``argv=True`` gives plain
-        command-line tokens instead (to be shell-quoted by the caller); ``shape=False`` leaves
-        out ``--nodes``/``--cpus-per-task`` for callers that size the job themselves (htp).
+        ``shape=False`` leaves out ``--nodes``/``--cpus-per-task`` for callers that size the
+        job themselves (htp)::
+
+            SlurmConfig(partition="debug", extra_flags="--comment 'two words'").argv()
+            # ['--partition=debug', '--nodes=1', '--cpus-per-task=1', '--comment', 'two words']
         """
         out: List[str] = []
         if self.account_name:
@@ -175,26 +182,78 @@ class SlurmConfig:
             out.append(f"--qos={self.qos}")
         if self.constraint:
             out.append(f"--constraint={self.constraint}")
-        if argv:
-            return out + shlex.split(self.extra_flags)
-        groups: List[List[str]] = []
-        for tok in shlex.split(self.extra_flags):
-            if tok.startswith("-") and not re.match(r"^-\d", tok) or not groups:
-                groups.append([tok])
-            else:
-                groups[-1].append(tok)
-        out.extend(" ".join(_sbatch_quote(t) for t in group) for group in groups)
-        return out
+        return out + shlex.split(self.extra_flags)
+
+    def directives(self, time_in_mins: Optional[int] = None, shape: bool = True) -> List[List[str]]:
+        """:meth:`argv` grouped per flag, one ``#SBATCH`` line each (rendered by
+        :func:`sbatch_line`, the templates' ``sbatch`` filter): ``--qos normal`` stays one
+        line, as a value on an ``#SBATCH`` line of its own is an invalid directive::
+
+            [sbatch_line(d) for d in SlurmConfig(extra_flags="--comment='a b' --qos x").directives()]
+            # ['--nodes=1', '--cpus-per-task=1', '--comment="a b"', '--qos x']
+        """
+        return group_flags(self.argv(time_in_mins, shape))
 
 
-def _sbatch_quote(token: str) -> str:
-    """``--comment=two words`` -> ``--comment="two words"`` (how #SBATCH lines take spaces)."""
-    if not re.search(r"\s", token):
+def group_flags(tokens: Sequence[str]) -> List[List[str]]:
+    """``['--qos', 'normal', '--nice=-5', '--x', '-5']`` -> one list per flag with its values."""
+    groups: List[List[str]] = []
+    for tok in tokens:
+        if tok.startswith("-") and not re.match(r"^-\d", tok) or not groups:
+            groups.append([tok])
+        else:
+            groups[-1].append(tok)
+    return groups
+
+
+def control_characters(text: str) -> List[str]:
+    """The control characters (newline, carriage return, NUL, ...) in ``text``."""
+    return sorted({ch for ch in text if ord(ch) < 32 or ord(ch) == 127})
+
+
+def sbatch_word(token: str) -> str:
+    """One argument as sbatch's ``#SBATCH`` parser reads it back (src/sbatch/opt.c): as is when
+    it has no blank, quote, backslash or ``#``; else double-quoted with ``\\`` and ``"``
+    backslash-escaped (``--comment=two words`` -> ``--comment="two words"``). A control character
+    (a newline ends the line) cannot be carried: SlurmConfigError."""
+    token = str(token)
+    bad = control_characters(token)
+    if bad:
+        raise SlurmConfigError(
+            f"sbatch option {token!r} holds {', '.join(map(repr, bad))}: an #SBATCH line cannot carry it"
+        )
+    if token and not _SBATCH_SPECIAL.search(token):
         return token
-    if token.startswith("-") and "=" in token:
-        flag, value = token.split("=", 1)
-        return f'{flag}="{value}"'
-    return f'"{token}"'
+    m = re.match(r"^(--?[A-Za-z][A-Za-z0-9-]*=)(.*)$", token, re.S)
+    flag, value = (m.group(1), m.group(2)) if m else ("", token)
+    return flag + '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sbatch_line(directive: Union[str, Sequence[str]]) -> str:
+    """The text after ``#SBATCH `` for one directive: a token (``--job-name=x y``) or a flag with
+    its values (``['--qos', 'normal']``). The one renderer of ``#SBATCH`` lines (the templates'
+    ``sbatch`` filter)."""
+    tokens = [directive] if isinstance(directive, str) else list(directive)
+    return " ".join(sbatch_word(t) for t in tokens)
+
+
+def filename_pattern(directory: str, name: str) -> str:
+    """``<directory>/<name>`` as an sbatch ``--output`` pattern: ``%`` in the directory doubled
+    (``%%`` is a literal ``%``), ``name`` keeps its ``%A``/``%a``/``%j``."""
+    return directory.replace("%", "%%").rstrip("/") + "/" + name
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """Refuse a directory sbatch cannot write ``--output`` files into by name: a control
+    character cannot be carried on an #SBATCH line, and a backslash turns off ``%A``/``%a``."""
+    bad = control_characters(path)
+    if bad or "\\" in path:
+        found = ", ".join(map(repr, bad + (["\\"] if "\\" in path else [])))
+        raise SlurmConfigError(
+            f"{what} {path!r} holds {found}, which sbatch's --output cannot take (a newline ends "
+            "an #SBATCH line, a backslash turns off %A/%a); choose another directory "
+            "(e.g. base_log_dir=...)"
+        )
 
 
 def resolve_slurm_config(

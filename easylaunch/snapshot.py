@@ -836,6 +836,23 @@ def activate(info: dict, payload_path: Path) -> List[str]:
     code dirs are forgotten (easylaunch and cloudpickle excepted). The working directory is not
     changed.
     """
+    paths = import_paths(info, payload_path)
+    _purge_modules([str(r["source"]) for r in info.get("roots") or [] if r.get("source")])
+    for p in reversed(paths):
+        while p in sys.path:
+            sys.path.remove(p)
+        sys.path.insert(0, p)
+    importlib.invalidate_caches()
+    return paths
+
+
+def import_paths(info: dict, payload_path: Path) -> List[str]:
+    """The directories :func:`activate` puts on ``sys.path`` (the archive unpacked first), in
+    order; nothing else changes::
+
+        import_paths(header["snapshot"], Path("RUN_DIR/payload.pkl"))
+        # -> ["~/.cache/easylaunch/snapshots/3f2a.../code/proj", ...]
+    """
     sha, _name = _check_info(info)
     archive = locate(info, payload_path)
     top = unpack(archive, sha)
@@ -854,13 +871,31 @@ def activate(info: dict, payload_path: Path) -> List[str]:
         p = top.joinpath(*str(info["easylaunch_root"]).split("/"))
         _inside(p, top)
         paths.append(str(p))
-    _purge_modules([str(r["source"]) for r in info.get("roots") or [] if r.get("source")])
-    for p in reversed(paths):
-        while p in sys.path:
-            sys.path.remove(p)
-        sys.path.insert(0, p)
-    importlib.invalidate_caches()
     return paths
+
+
+def copy_of(info: dict, payload_path: Path, file: str) -> Optional[str]:
+    """The snapshot's copy of ``file`` (a path on the launching machine inside one of its code
+    dirs), unpacked if need be; None when the file is not in the snapshot or it is not here::
+
+        copy_of(header["snapshot"], payload, "/home/me/proj/launch.py")
+        # -> "~/.cache/easylaunch/snapshots/3f2a.../code/proj/launch.py"
+    """
+    for r in info.get("roots") or []:
+        source = str(r.get("source") or "").rstrip(os.sep)
+        if not source or not file.startswith(source + os.sep):
+            continue
+        try:
+            sha, _name = _check_info(info)
+            top = unpack(locate(info, payload_path), sha)
+        except (OSError, SnapshotError):
+            return None
+        rel = file[len(source) + 1 :]
+        path = top.joinpath(*str(r.get("path") or f"{CODE_DIR}/{r['name']}").split("/"), *rel.split(os.sep))
+        if os.path.normpath(path).startswith(os.path.normpath(top) + os.sep) and path.is_file():
+            return str(path)
+        return None
+    return None
 
 
 def _inside(path: Path, top: Path) -> None:

@@ -13,7 +13,7 @@ launch script runs after changing only its import::
 from __future__ import annotations
 
 import enum
-from typing import List, NamedTuple, Union
+from typing import Any, List, NamedTuple, Union
 
 
 class GitInfo(NamedTuple):
@@ -64,3 +64,27 @@ class State(str, enum.Enum):
 
 
 TERMINAL_STATES = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.TIMEOUT, State.PREEMPTED})
+
+
+class FunctionExit(RuntimeError):
+    """The function called ``sys.exit()`` with a failure code (non-zero, or a message).
+
+    The run is recorded FAILED with that exit code, and this (an ordinary exception) stands for
+    it everywhere the run's exception is re-raised (``job.result()``, ``sweep.results()``, an
+    in-process run): a run's SystemExit never ends the launcher. ``sys.exit(0)`` and
+    ``sys.exit()`` are a normal return (COMPLETED, result None)::
+
+        try:
+            job.result()
+        except FunctionExit as exc:
+            exc.code          # what the function passed to sys.exit(), e.g. 3 or "bad input"
+            exc.exit_code     # the recorded exit code: the int, or 1 for a message
+    """
+
+    def __init__(self, code: Any):
+        self.code = code
+        self.exit_code = code if isinstance(code, int) and not isinstance(code, bool) else 1
+        super().__init__(f"the function called sys.exit({code!r})")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.code,))

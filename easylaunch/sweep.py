@@ -76,8 +76,12 @@ def summarize(variant: Mapping[str, Any], width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def check_variants(variants: Iterable[Any]) -> List[Dict[str, Any]]:
-    """Validate that each variant is a dict (None becomes {}); return deep copies."""
+def check_variants(variants: Iterable[Any], doodad_rules: bool = True) -> List[Dict[str, Any]]:
+    """Validate that each variant is a dict (None becomes {}); return deep copies.
+
+    With ``doodad_rules`` (a user's variants, not the Executor's call arguments), doodad's
+    rules hold too: no ``doodad_config`` key, and no key with a '.' at any depth.
+    """
     out = []
     for i, v in enumerate(variants):
         if v is None:
@@ -88,7 +92,12 @@ def check_variants(variants: Iterable[Any]) -> List[Dict[str, Any]]:
                 "pass variant={'lr': 0.1} or use grid({...}) for sweeps"
             )
         if "doodad_config" in v:
-            raise ValueError("the key 'doodad_config' is reserved and may not be used in a variant")
+            raise ValueError(
+                f"variant #{i}: the key 'doodad_config' is reserved (the function receives its "
+                "DoodadConfig under that name); rename the key"
+            )
+        if doodad_rules:
+            _check_no_dotted_keys(v, i)
         try:
             out.append(copy.deepcopy(dict(v)))
         except Exception as exc:  # locks, open files...: name the variant and its key
@@ -109,3 +118,19 @@ def _copyable(value: Any) -> bool:
         return True
     except Exception:
         return False
+
+
+def _check_no_dotted_keys(variant: Mapping[str, Any], index: int, path: str = "") -> None:
+    """doodad's rule: a key holding '.' is a flat name that was meant to be nested."""
+    for key, value in variant.items():
+        if isinstance(key, str) and "." in key:
+            where = f" (under {path!r})" if path else ""
+            head, _, rest = key.partition(".")
+            raise ValueError(
+                f"variant #{index} key {key!r}{where} contains '.': as in doodad, dotted keys are "
+                f"not allowed in a variant because they are meant to be nested; write "
+                f"{{{head!r}: {{{rest!r}: ...}}}} or build the variants with grid({{...}}), which "
+                "nests dotted keys"
+            )
+        if isinstance(value, Mapping):
+            _check_no_dotted_keys(value, index, f"{path}.{key}" if path else str(key))

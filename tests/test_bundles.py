@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from conftest import require_service
+from shellfakes import sbatch_directive_args
+from txlog_checks import check_complete
 
 from easylaunch import Job, JobError, State, load_experiment, records, run_sweep
 from easylaunch.bundle import BundleError, collect
@@ -60,6 +63,19 @@ sweep = run_sweep(work, grid({{"x": [1, 2, 3]}}), exp_name={exp!r}, mode=mode, *
 print("STATES", [s.value for s in sweep.states()])
 print("BUNDLE", sweep[0].manifest["backend"]["bundle"])
 """
+
+
+HOSTILE_COMMENT = 'it\'s "q" #1 $(touch PWNED) `x` back\\slash ü'
+HOSTILE_FLAGS = "--comment=" + shlex.quote(HOSTILE_COMMENT)
+
+
+def slurm_comment(job_id: str) -> str:
+    """The Comment Slurm holds for a job (``scontrol show job`` keeps finished jobs MinJobAge s)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.strip().startswith("Comment="):
+            return line.strip()[len("Comment=") :]
+    raise AssertionError(f"no Comment in scontrol show job {job_id}:\n{out}")
 
 
 def plain_python() -> str:
@@ -191,6 +207,9 @@ def check_collected(jobs: list, back: Path, log_dir: Path, exp: str, python: str
         assert (again.run_dir / "out.txt").read_text() == f"output of {x}\n"
         history = [h[0] for h in again.status["history"]]
         assert history[:2] == ["PENDING", "GENERATED"] and history[-2:] == ["RUNNING", "COMPLETED"]
+    # the transaction log: SUBMITTED/GENERATED here, the runs' own lines came back with them
+    rows = check_complete(jobs[0].run_dir.parent, [j.run_dir for j in jobs])
+    assert len(rows) == 3
     ls = cli("ls", exp)
     assert ls.stdout.count("COMPLETED") == 3, ls.stdout
     # collecting again changes nothing
@@ -208,7 +227,7 @@ def test_sss_bundle_runs_on_slurm_from_a_copy(tmp_path, log_dir):
     python = plain_python()
     config = tmp_path / "config.py"
     config.write_text(
-        'SLURM_CONFIGS = {"cpu": {"partition": "debug", "time_in_mins": 5}}\n'
+        f'SLURM_CONFIGS = {{"cpu": {{"partition": "debug", "time_in_mins": 5, "extra_flags": {HOSTILE_FLAGS!r}}}}}\n'
         'SSS_PRE_CMDS = ["export EL_PRE_MARK=\\"pre ran: $SLURM_JOB_NAME\\""]\n'
     )
     env = {"EASYLAUNCH_CONFIG": str(config)}
@@ -225,6 +244,8 @@ def test_sss_bundle_runs_on_slurm_from_a_copy(tmp_path, log_dir):
     before = tmp_entries()
     out = submit(cluster, {})
     assert "submitted 3 run(s)" in out
+    job_id = (cluster / "submitted.txt").read_text().split()[0]
+    assert slurm_comment(job_id) == HOSTILE_COMMENT
     runs = [cluster / "logs" / exp / j.run_dir.name for j in jobs]
     states = wait_states(runs)
     assert set(states.values()) == {"COMPLETED"}, [(d, records.read_status(d)) for d in runs]
@@ -240,6 +261,35 @@ def test_sss_bundle_runs_on_slurm_from_a_copy(tmp_path, log_dir):
     assert Job.load(jobs[0].run_dir).result()["pre"] == "pre ran: sss_demo"
 
 
+def test_sss_from_a_source_checkout_without_installing(tmp_path, log_dir):
+    """``python launch.py`` with the checkout on PYTHONPATH (nothing installed): the templates
+    load from the checkout's templates/, the bundle runs on Slurm, the checkout stays clean."""
+    require_service("slurm")
+    checkout = HERE.parent
+    if not (checkout / "templates" / "__init__.py").is_file():
+        pytest.skip("not run from a checkout")
+    before = {p.name for p in checkout.iterdir()}
+    exp = "sss_checkout"
+    project = make_project(tmp_path / "proj", exp)
+    (project / "which.py").write_text("import easylaunch; print('EASYLAUNCH', easylaunch.__file__)\n")
+    config = tmp_path / "config.py"
+    config.write_text('SLURM_CONFIGS = {"cpu": {"partition": "debug", "time_in_mins": 5}}\n')
+    env = {"EASYLAUNCH_CONFIG": str(config), "PYTHONPATH": str(checkout)}
+    which = subprocess.run(
+        [sys.executable, "which.py"], cwd=project, capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert f"EASYLAUNCH {checkout / 'easylaunch' / '__init__.py'}" in which.stdout, (
+        which.stdout + which.stderr
+    )
+    bundle = launch(project, "sss", env, python=plain_python())
+    cluster = ship(bundle, tmp_path / "cluster" / "b", project)
+    assert "submitted 3 run(s)" in submit(cluster, {})
+    runs = [cluster / "logs" / exp / j.run_dir.name for j in load_experiment(exp)]
+    states = wait_states(runs)
+    assert set(states.values()) == {"COMPLETED"}, [(d, records.read_status(d)) for d in runs]
+    assert {p.name for p in checkout.iterdir()} == before
+
+
 # -- htp on the real Slurm, with the ht_helper.sh stand-in ---------------------------------------
 
 
@@ -250,7 +300,8 @@ def test_htp_bundle_runs_with_ht_helper(tmp_path, log_dir):
     python = plain_python()
     config = tmp_path / "config.py"
     config.write_text(
-        'SLURM_CONFIGS = {"cpu": {"partition": "debug", "time_in_mins": 5, "max_num_cores_per_node": 2}}\n'
+        'SLURM_CONFIGS = {"cpu": {"partition": "debug", "time_in_mins": 5, "max_num_cores_per_node": 2,\n'
+        '                         "extra_flags": "--comment=\'two words\'"}}\n'
     )
     env = {"EASYLAUNCH_CONFIG": str(config)}
     before = tmp_entries()
@@ -275,6 +326,8 @@ def test_htp_bundle_runs_with_ht_helper(tmp_path, log_dir):
     before = tmp_entries()
     out = submit(cluster, {"PATH": f"{TEST_BIN}:{os.environ['PATH']}"})
     assert "submitted 3 run(s)" in out and "(2 at once)" in out
+    job_id = (cluster / "submitted.txt").read_text().strip()
+    assert slurm_comment(job_id) == "two words"  # issue 7 item 15: sbatch took the directive
     runs = [cluster / "logs" / exp / j.run_dir.name for j in jobs]
     states = wait_states(runs)
     assert set(states.values()) == {"COMPLETED"}, [(d, records.read_status(d)) for d in runs]
@@ -483,6 +536,27 @@ def test_values_reaching_a_shell_are_quoted(tmp_path, log_dir, config_file):
     sweep.cancel()
     assert sweep.states() == [State.CANCELLED, State.CANCELLED]
     assert "scancel" in sweep[0].status["message"]
+
+
+@pytest.mark.parametrize("flags", ["--comment='two words'", "--comment 'two words' --qos normal --nice=-5"])
+def test_htp_and_sss_write_the_same_sbatch_directives(flags, tmp_path, log_dir, config_file):
+    """Issue 7 item 15: one renderer of #SBATCH lines; sbatch reads back what the config says."""
+    config_file(
+        f"""
+        SLURM_CONFIGS = {{"cpu": {{"partition": "debug", "max_num_cores_per_node": 2, "extra_flags": {flags!r}}}}}
+        """
+    )
+    wanted = shlex.split(flags)
+    read = {}
+    for mode in ("sss", "htp"):
+        sweep = run_sweep(
+            nothing, [{"x": 1}], exp_name=f"flags_{mode}", mode=mode, code_dirs_to_mount=[code_dir(tmp_path)]
+        )
+        (script,) = Path(sweep[0].manifest["backend"]["bundle"]).glob("jobs/*.sbatch")
+        args = sbatch_directive_args(script.read_text())
+        assert args[-len(wanted) :] == wanted, (mode, args)
+        read[mode] = args[-len(wanted) :]
+    assert read["sss"] == read["htp"]
 
 
 def test_collect_rules(tmp_path, log_dir):

@@ -66,7 +66,8 @@ def test_logs_follow_and_cancel_experiment(log_dir):
     follower = subprocess.Popen([sys.executable, "-m", "easylaunch.cli", "logs", "-f", job.run_dir.name],
                                 stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 30
-    while job.state is not State.RUNNING and time.time() < deadline:
+    # RUNNING is recorded before the function's first line: a cancel then may beat its print
+    while "sleeping" not in job.stdout() and time.time() < deadline:
         time.sleep(0.1)
     assert "cancel requested for 1" in cli("cancel", "clicancel").stdout
     assert job.wait(timeout=30) is State.CANCELLED
@@ -116,10 +117,12 @@ def test_non_editable_install_finds_templates(tmp_path):
     subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(root)],
                    check=True, timeout=300)
     code = ("from easylaunch.templating import render; import easylaunch, sys;"
+            "from easylaunch.runtimes import RunnerCommand;"
             "assert 'site-packages' in easylaunch.__file__, easylaunch.__file__;"
             "print(render('slurm_array.sh.j2', version='v', exp_name='e', batch_id='b', first_group=0,"
             " last_group=0, tasks_file='/t f', job_name='j', array_spec='0-0', output_pattern='/o',"
-            " signal_seconds=9, requeue=False, directives=[], pre_cmds=[], env={}, command=['py'], offset=0))")
+            " signal_seconds=9, requeue=False, directives=[], runner=RunnerCommand(['py']),"
+            " args=['--tasks', '/t f']))")
     out = subprocess.run([str(venv / "bin/python"), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--tasks '/t f'" in out.stdout

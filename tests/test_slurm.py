@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,8 +25,10 @@ import cloudpickle
 import pytest
 from conftest import require_service
 from conftest import wait_for as _wait_for
+from txlog_checks import check_complete, check_csv, check_png
 
-from easylaunch import Job, State, records, run_sweep
+from easylaunch import Job, State, records, run_sweep, timeline, txlog
+from easylaunch.cli import main
 from easylaunch.modes.slurm import SlurmMode, SubmitError
 from easylaunch.slurm_config import SlurmConfigError
 
@@ -271,6 +274,27 @@ def test_named_config_directives_reach_slurm(slurm):
     assert sweep.results(timeout=90) == [1, 2]
 
 
+def test_hostile_log_dir_and_sbatch_values_arrive_intact(slurm):
+    """Issue 7 items 14/15: a log dir with blanks, quotes, '$', '#', '%' and unicode, and an
+    extra_flags value with all of those, reach sbatch intact (one #SBATCH renderer)."""
+    comment = 'it\'s "q" #1 $(touch PWNED) `x` back\\slash 100% ü'
+    logs = slurm.tmp / 'logs it\'s "q" $(touch PWNED) #h 100%x ü'
+    sweep = slurm.launch(
+        square,
+        [{"x": 3}],
+        base_log_dir=str(logs),
+        slurm_options={"extra_flags": "--comment=" + shlex.quote(comment)},
+    )
+    (job_id,) = array_ids(sweep)
+    assert sweep[0].run_dir.is_relative_to(logs)
+    assert sweep.results(timeout=90) == [9]
+    text = sh("scontrol", "show", "job", job_id)
+    assert f"Comment={comment}" in [line.strip() for line in text.splitlines()], text
+    outputs = list((sweep[0].run_dir.parent / ".batches").glob("*/slurm/*.out"))
+    assert [p.name for p in outputs] == [f"{job_id}_0.out"], outputs  # '%' of the path kept, %A/%a replaced
+    assert not list(slurm.tmp.rglob("PWNED"))
+
+
 def test_time_in_mins_option_overrides_and_takes_slurm_time_strings(slurm):
     sweep = slurm.launch(trivial, [{"x": 3}], slurm_config_name="shortq", time_in_mins="0:02:30", hold=True)
     info = show_job(array_ids(sweep)[0])
@@ -328,7 +352,7 @@ def test_packed_task_isolates_failing_variants(slurm):
     assert sweep[0].result() == "ok ok" and sweep[4].result() == "ok ok"
     with pytest.raises(ValueError, match="boom from a packed variant"):
         sweep[1].result()
-    assert "(exit status 3)" in records.read_status(sweep[2].run_dir)["message"]
+    assert "(exit code 3)" in records.read_status(sweep[2].run_dir)["message"]
     assert "(killed by SIGKILL)" in records.read_status(sweep[3].run_dir)["message"]
     assert records.read_status(sweep[3].run_dir)["exit_code"] == -signal.SIGKILL
     for job, kind in zip(sweep, kinds):  # each variant had its own run dir and logs
@@ -377,19 +401,28 @@ def test_expected_duration_picks_variants_per_task(slurm):
 
 def test_task_waits_for_a_payload_written_after_submission(slurm, monkeypatch):
     """The array is submitted before the payloads are written: an early task waits for them."""
-    monkeypatch.setenv("EASYLAUNCH_PAYLOAD_WAIT", "4")  # exported by sbatch into the task
+    monkeypatch.setenv("EASYLAUNCH_PAYLOAD_WAIT", "60")  # exported by sbatch into the task
     sweep = slurm.launch(
         misbehave, [{"kind": "ok"}, {"kind": "ok"}, {"kind": "ok"}], hold=True, variants_per_task=3
     )
     late, missing = sweep[0].run_dir / "payload.pkl", sweep[2].run_dir / "payload.pkl"
     late.rename(late.with_suffix(".later"))
     missing.unlink()
+    # as if the launcher (this process) were still writing payloads (liveness.py)
+    from easylaunch.liveness import LAUNCHER_FILE, identity
+
+    launcher_file = sweep[0].run_dir.parent / ".batches" / sweep[0].manifest["batch_id"] / LAUNCHER_FILE
+    assert json.loads(launcher_file.read_text())["done"] is True
+    records.atomic_write_json(launcher_file, {**identity(), "done": False})
     sh("scontrol", "release", array_ids(sweep)[0])
     wait_for(lambda: "RUNNING" in show_job(sweep[0].job_id).get("JobState", ""), 60, "the task to start")
     time.sleep(1)
     assert sweep[0].state is State.PENDING  # waiting for its payload, not failed
     late.with_suffix(".later").rename(late)
-    sweep.wait(timeout=60)
+    wait_for(lambda: sweep[1].state is State.COMPLETED, 60, "the second run")
+    assert sweep[2].state is State.PENDING  # still waiting: the launcher is alive, not done
+    records.atomic_write_json(launcher_file, {**identity(), "done": True})
+    sweep.wait(timeout=20)  # gives up at once now, not after PAYLOAD_WAIT
     assert sweep.states() == [State.COMPLETED, State.COMPLETED, State.FAILED]
     assert "was never written" in records.read_status(sweep[2].run_dir)["message"]
 
@@ -748,6 +781,38 @@ def test_scontrol_requeue_by_hand_reruns_unfinished_runs(slow):
     assert history == ["PENDING", "RUNNING", "PENDING", "RUNNING", "COMPLETED"]
 
 
+def test_requeued_run_shows_both_attempts_in_the_transaction_log(slow, tmp_path):
+    out = slow("requeue_by_hand")
+    run_dirs = [Path(d) for d in out["run_dirs"]]
+    rows = check_complete(run_dirs[0].parent, run_dirs)
+    mine = sorted((r for r in rows if r["run"] == run_dirs[1].name), key=lambda r: r["attempt"])
+    assert [(r["attempt"], r["state"]) for r in mine] == [(1, "REQUEUED"), (2, "COMPLETED")]
+    assert mine[0]["ended"] <= mine[1]["submitted"] <= mine[1]["started"]
+    events = [e["event"] for e in txlog.read_lines(run_dirs[1] / txlog.RUN_LOG)]
+    assert events == ["STARTED", "DONE", "REQUEUED", "RECOVERED", "STARTED", "DONE"]
+    table = tmp_path / "a.csv"
+    timeline.write_csv(rows, table)
+    check_csv(table, rows, run_dirs)
+
+
+def test_packed_sweep_transaction_log_is_complete(slurm, tmp_path):
+    variants = [{"kind": "ok"}] * 4 + [{"kind": "raise"}, {"kind": "exit"}]
+    sweep = slurm.launch(misbehave, variants, variants_per_task=3)
+    sweep.wait(timeout=120)
+    assert sweep.states() == [State.COMPLETED] * 4 + [State.FAILED] * 2
+    exp_dir = sweep[0].run_dir.parent
+    rows = check_complete(exp_dir, [j.run_dir for j in sweep])
+    # a worker per array task, each running its three runs one after the other in slot 0
+    tasks = {backend(j)["job_id"] for j in sweep}
+    assert {r["worker"] for r in rows} == {f"slurm {t}" for t in tasks} and {r["slot"] for r in rows} == {0}
+    pending = [e for e in txlog.read_experiment(exp_dir) if e["event"] == "PENDING"]
+    assert sorted(e["job_id"] for e in pending) == sorted(backend(j)["job_id"] for j in sweep)
+    png, table = tmp_path / "w.png", tmp_path / "a.csv"
+    assert main(["timeline", str(exp_dir), "--mode", "workers", "-o", str(png), "--csv", str(table)]) == 0
+    check_png(png)
+    check_csv(table, rows, [j.run_dir for j in sweep])
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
@@ -849,3 +914,21 @@ if __name__ == "__main__":  # a background scenario: NAME CONFIG CODE LOGS TAG O
     except BaseException:
         outcome = {"error": traceback.format_exc()}
     records.atomic_write_json(out_file, outcome)
+
+
+def hold_100mb(doodad_config, variant):
+    block = bytearray(100 * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(1.5)
+    return len(block)
+
+
+def test_runs_are_monitored_on_slurm(slurm):
+    """Resource monitoring works in packed Slurm tasks: samples in resources.csv, peak in status."""
+    sweep = slurm.launch(hold_100mb, [{"i": 0}, {"i": 1}], slurm_config_name="cpu", monitor=0.25)
+    assert set(sweep.wait(timeout=180).states()) == {State.COMPLETED}
+    for job in sweep:
+        res = job.status["resources"]
+        assert res["samples"] >= 3 and res["peak_rss_bytes"] >= 100 * 1024 * 1024
+        assert (job.run_dir / "resources.csv").read_text().startswith("t,due,")

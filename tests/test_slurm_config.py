@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from easylaunch.slurm_config import SlurmConfig, SlurmConfigError, parse_time, resolve_slurm_config
+from easylaunch.runtimes import RunnerCommand, Shell
+from easylaunch.slurm_config import (
+    SlurmConfig,
+    SlurmConfigError,
+    parse_time,
+    resolve_slurm_config,
+    sbatch_line,
+)
 from easylaunch.templating import render
 
 
@@ -48,7 +55,7 @@ def test_every_doodad_field_and_the_extras_render():
         constraint="a100|v100",
         gres=None,
     )
-    assert cfg.directives() == [
+    assert [sbatch_line(d) for d in cfg.directives()] == [
         "--account=acct",
         "--partition=gpu_part",
         "--time=90",
@@ -63,14 +70,51 @@ def test_every_doodad_field_and_the_extras_render():
         "--mail-type=FAIL",
         '--comment "two words"',
     ]
-    assert "--gres=gpu:a100:2" in cfg.replace(gres="gpu:a100:2").directives()
-    assert "--gpus=2" not in cfg.replace(gres="gpu:a100:2").directives()
-    assert "--gres=shard:1" in cfg.replace(n_gpus=0, gres="shard:1").directives()
-    assert cfg.directives(time_in_mins=5)[2] == "--time=5"
-    assert SlurmConfig(extra_flags="--comment='a b' --nice=-5").directives()[-2:] == [
+    assert "--gres=gpu:a100:2" in cfg.replace(gres="gpu:a100:2").argv()
+    assert "--gpus=2" not in cfg.replace(gres="gpu:a100:2").argv()
+    assert "--gres=shard:1" in cfg.replace(n_gpus=0, gres="shard:1").argv()
+    assert cfg.directives(time_in_mins=5)[2] == ["--time=5"]
+    assert cfg.argv()[-6:] == [
+        "--qos",
+        "rail_normal",
+        "--mail-user=me@x.edu",
+        "--mail-type=FAIL",
+        "--comment",
+        "two words",
+    ]
+    assert [
+        sbatch_line(d) for d in SlurmConfig(extra_flags="--comment='a b' --nice=-5").directives()[-2:]
+    ] == [
         '--comment="a b"',
         "--nice=-5",
     ]
+    assert SlurmConfig().argv(shape=False) == []
+
+
+@pytest.mark.parametrize(
+    "token, line",
+    [
+        ("--qos=normal", "--qos=normal"),
+        ("--comment=two words", '--comment="two words"'),
+        ("two words", '"two words"'),
+        ("--comment=it's", '--comment="it\'s"'),
+        ('--comment=say "hi" \\ #1', '--comment="say \\"hi\\" \\\\ #1"'),
+        ("--comment=$(x) `y` ü", '--comment="$(x) `y` ü"'),
+        ("--comment=", "--comment="),
+        ("", '""'),
+    ],
+)
+def test_sbatch_line_quotes_for_sbatchs_own_parser(token, line):
+    from shellfakes import sbatch_directive_args
+
+    assert sbatch_line(token) == line
+    assert sbatch_directive_args(f"#SBATCH {line}\n") == [token]
+
+
+def test_sbatch_line_refuses_what_one_line_cannot_carry():
+    for bad in ("--comment=a\nb", "--comment=a\rb", "x\0"):
+        with pytest.raises(SlurmConfigError, match="#SBATCH line cannot carry"):
+            sbatch_line(bad)
 
 
 def test_rendered_script_has_one_directive_per_line():
@@ -89,10 +133,14 @@ def test_rendered_script_has_one_directive_per_line():
         signal_seconds=60,
         requeue=True,
         directives=cfg.directives(),
-        pre_cmds=[],
-        env={"K": "v w"},
-        command=["/venv/bin/python", "-m", "easylaunch.runner"],
-        offset=0,
+        runner=RunnerCommand(["/venv/bin/python", "-m", "easylaunch.runner"], env={"K": "v w"}),
+        args=[
+            "--tasks",
+            "/logs/e/.batches/b/tasks.json",
+            "--index",
+            Shell('"$((SLURM_ARRAY_TASK_ID + 0))"'),
+            "--quiet",
+        ],
     )
     lines = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     assert lines == [
@@ -125,6 +173,7 @@ def test_rendered_script_has_one_directive_per_line():
         ({"extra_flags": "--comment='x"}, "cannot be parsed"),
         ({"extra_flags": "normal --qos"}, "must start with an sbatch flag"),
         ({"extra_flags": ["--qos"]}, "must be a string"),
+        ({"extra_flags": "--comment='a\nb'"}, "holds '\\\\n': an #SBATCH line cannot carry it"),
         ({"n_cpus_per_task": 16, "max_num_cores_per_node": 8}, "exceeds max_num_cores_per_node=8"),
     ],
 )

@@ -18,10 +18,16 @@ _REGISTRY: Dict[str, str] = {
     "here_no_doodad": "easylaunch.modes.here:HereMode",
     "local": "easylaunch.modes.local:LocalMode",
     "local_pool": "easylaunch.modes.local_pool:LocalPoolMode",
+    "local_singularity": "easylaunch.modes.singularity:LocalSingularityMode",
+    "singularity": "easylaunch.modes.singularity:LocalSingularityMode",  # doodad's alias
     "slurm": "easylaunch.modes.slurm:SlurmMode",
     "slurm_singularity": "easylaunch.modes.slurm:SlurmSingularityMode",
     "sss": "easylaunch.modes.sss:SssMode",
     "htp": "easylaunch.modes.htp:HtpMode",
+    "local_docker": "easylaunch.modes.docker:DockerMode",
+    "docker": "easylaunch.modes.docker:DockerAliasMode",
+    "ssh": "easylaunch.modes.ssh:SshMode",
+    "ec2": "easylaunch.modes.ec2:Ec2Mode",
 }
 
 

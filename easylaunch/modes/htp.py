@@ -15,14 +15,13 @@ taskfile, or TASKFILE_PATH_ON_BRC when configured (submit.sh copies it there).
 
 from __future__ import annotations
 
-import shlex
-
 from .. import __version__, bundle, records
 from ..batch import Batch
 from ..options import Option
+from ..runtimes import Shell
 from ..slurm_config import SlurmConfig, SlurmConfigError
 from ..templating import render
-from .sss import BUNDLE_OPTIONS, BundleMode
+from .sss import BUNDLE_OPTIONS, BundleMode, BundlePlan
 
 
 class HtpMode(BundleMode):
@@ -44,10 +43,10 @@ class HtpMode(BundleMode):
         if modules is None or "\n" in modules:
             raise ValueError(f"option ht_helper_modules={modules!r} must be one line, e.g. 'python/3.5'")
 
-    def launch(self, batch: Batch) -> None:
-        name, cfg = batch.mode_data["slurm"]  # resolved by check()
+    def launch(self, batch: Batch, plan: BundlePlan) -> None:
+        name, cfg = plan.config_name, plan.config
         opts = batch.options
-        root, cluster, zips = self.start(batch)
+        root, cluster, command = self.start(batch, plan)
         n = len(batch.runs)
         ntasks = max(1, min(n, int(cfg.max_num_cores_per_node or n)))
         batch.backend_common = {
@@ -64,7 +63,7 @@ class HtpMode(BundleMode):
         # one runner command per line, paths relative to the bundle (the job runs ht_helper.sh
         # from there) unless the cluster paths are configured
         if cluster.bundle:
-            task = shlex.quote(f"{cluster.bundle}/{bundle.JOBS}/run_task.sh")
+            task = f"{cluster.bundle}/{bundle.JOBS}/run_task.sh"
         else:
             task = f"{bundle.JOBS}/run_task.sh"
         if cluster.logs:
@@ -73,12 +72,10 @@ class HtpMode(BundleMode):
             base = f"{cluster.bundle}/{bundle.LOGS}/{exp}"
         else:
             base = f"{bundle.LOGS}/{exp}"
-        lines = [f"bash {task} {shlex.quote(f'{base}/{r.name}/{records.PAYLOAD}')}\n" for r in batch.runs]
-        bundle.write_file(root / bundle.JOBS / "taskfile.txt", "".join(lines))
-        runner = bundle.make_runner(self.settings, opts, zips, cluster)
-        # the config's account, partition, time, ... as command-line tokens; not its node/cpu
-        # shape: the one htp job is sized for its tasks
-        directives = cfg.directives(shape=False, argv=True)
+        payloads = [f"{base}/{r.name}/{records.PAYLOAD}" for r in batch.runs]
+        bundle.write_file(
+            root / bundle.JOBS / "taskfile.txt", render("htp_taskfile.txt.j2", task=task, payloads=payloads)
+        )
         modules = str(opts.get("ht_helper_modules"))
         common = dict(
             version=__version__,
@@ -86,7 +83,7 @@ class HtpMode(BundleMode):
             batch_id=batch.batch_id,
             n_runs=n,
             cluster=cluster,
-            runner=runner,
+            runtime=plan.runtime,
         )
         bundle.write_file(
             root / bundle.JOBS / "htp.sbatch",
@@ -95,23 +92,36 @@ class HtpMode(BundleMode):
                 job_name=exp[:100],
                 ntasks=ntasks,
                 signal_seconds=int(opts.get("signal_before_timeout") or 90),
-                directives=directives,
+                # the config's account, partition, time, ...; not its node/cpu shape: the one
+                # htp job is sized for its tasks
+                directives=cfg.directives(shape=False),
                 modules=modules,
                 **common,
             ),
             0o755,
         )
-        bundle.write_file(root / bundle.JOBS / "run_task.sh", render("htp_task.sh.j2", **common), 0o755)
-        taskfile = cluster.taskfile or f"{bundle.JOBS}/taskfile.txt"
-        wrap = f"module load gcc openmpi; ht_helper.sh -m {shlex.quote(modules)} -t {shlex.quote(taskfile)}"
-        sbatch_line = " ".join(
-            ["-N", "1", "-n", str(ntasks), "--cpus-per-task=1", *map(shlex.quote, directives)]
-            + ["--wrap=" + shlex.quote(wrap)]
+        bundle.write_file(
+            root / bundle.JOBS / "run_task.sh",
+            render("htp_task.sh.j2", runner=command, args=[Shell('"$PAYLOAD"'), "--quiet"], **common),
+            0o755,
         )
+        taskfile = cluster.taskfile or f"{bundle.JOBS}/taskfile.txt"
+        wrap = render("htp_wrap.sh.j2", modules=modules, taskfile=taskfile).strip()
+        job_argv = ["--nodes=1", f"--ntasks={ntasks}", "--cpus-per-task=1", *cfg.argv(shape=False)]
+        # doodad's one sbatch line for the same job (shown in submit.sh and README.txt)
+        sbatch_argv = [
+            "-N",
+            "1",
+            "-n",
+            str(ntasks),
+            "--cpus-per-task=1",
+            *cfg.argv(shape=False),
+            "--wrap=" + wrap,
+        ]
         submit = render(
             "htp_submit.sh.j2",
             ntasks=ntasks,
-            sbatch_line=sbatch_line,
+            sbatch_argv=sbatch_argv,
             python_minor=bundle.python_version(),
             **common,
         )
@@ -119,17 +129,14 @@ class HtpMode(BundleMode):
             batch,
             root,
             cluster,
-            runner,
+            plan.runtime,
             submit,
             readme=dict(
                 ntasks=ntasks,
                 modules=modules,
                 slurm_config_name=name,
-                directives=[
-                    shlex.quote(d)
-                    for d in ["--nodes=1", f"--ntasks={ntasks}", "--cpus-per-task=1", *directives]
-                ],
-                sbatch_line=sbatch_line,
+                job_argv=job_argv,
+                sbatch_argv=sbatch_argv,
             ),
             extra={"slurm_config": name, "ht_helper_ntasks": ntasks, "ht_helper_modules": modules},
         )

@@ -15,28 +15,41 @@ import os
 import signal
 import sys
 
-from .. import records, runner
+from .. import failpoints, records, runner, transitions
 from ..batch import Batch
-from ..procs import process_token
-from .process import SUPERVISOR_FILE, ProcessMode, launcher_sys_path
+from ..gpu_options import GPU_OPTIONS, gpu_request
+from ..plan import LaunchPlan
+from ..procs import waitstatus_to_exitcode
+from ..shipping import keep_local
+from ..spec import State
+from .process import SUPERVISOR_FILE, ProcessMode, write_supervisor
 
 
 class LocalPoolMode(ProcessMode):
     name = "local_pool"
+    options = (*ProcessMode.options, *GPU_OPTIONS)
 
-    def check(self, batch: Batch) -> None:
-        super().check(batch)
+    def check(self, batch: Batch) -> LaunchPlan:
         if not hasattr(os, "fork"):
             raise RuntimeError("mode 'local_pool' needs os.fork (POSIX); use mode='local' here")
+        plan = super().check(batch)
+        batch.gpu_request = gpu_request(batch.fn, batch.options, batch.log_root)
+        return plan
 
-    def launch(self, batch: Batch) -> None:
+    def launch(self, batch: Batch, plan: LaunchPlan) -> None:
         limit = self.max_parallel(batch.options)
         echo = not batch.options.get("skip_wait") and len(batch.runs) == 1
         sweep_dir = batch.sweep_dir
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        batch.payload_sys_path = launcher_sys_path()
+        keep_local(batch, batch.log_root / ".snapshots")  # the forked runs use the live code
         batch.backend_common = {"supervisor_file": str(sweep_dir / SUPERVISOR_FILE)}
+        # until the supervisor runs, this process is who starts the runs: a poll that finds
+        # it dead records them FAILED (never PENDING forever)
+        write_supervisor(sweep_dir, os.getpid(), "launcher")
+        batch.record_launch(per_run=False)  # seen (and FAILED once we are gone) before the manifests
+        failpoints.point("local_pool.before_materialize")
         batch.materialize()
+        failpoints.point("local_pool.after_materialize")
         config = batch.doodad_config()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -50,8 +63,11 @@ class LocalPoolMode(ProcessMode):
                 os.setsid()
                 second = os.fork()
                 if second:
-                    os.write(write_fd, str(second).encode())
                     os._exit(0)
+                # the supervisor names itself before the launcher learns its pid: a launcher
+                # that dies now leaves a living starter on record, not a dead one
+                write_supervisor(sweep_dir, os.getpid(), "pool supervisor")
+                os.write(write_fd, str(os.getpid()).encode())
                 os.close(write_fd)
                 code = _supervise(batch, config, limit, echo)
             finally:
@@ -60,10 +76,9 @@ class LocalPoolMode(ProcessMode):
         with os.fdopen(read_fd, "rb") as f:
             supervisor = int(f.read() or 0)
         os.waitpid(first, 0)
-        records.atomic_write_json(
-            sweep_dir / SUPERVISOR_FILE,
-            {"pid": supervisor, "token": process_token(supervisor), "kind": "pool supervisor"},
-        )
+        if not supervisor:  # it never started: its runs are recorded FAILED by the next poll
+            records.atomic_write_json(sweep_dir / SUPERVISOR_FILE, {"pid": 0, "kind": "pool supervisor"})
+        failpoints.point("local_pool.after_fork")
 
 
 def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: no cover - forked
@@ -78,26 +93,37 @@ def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: 
         os.dup2(devnull_w, 2)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
-    running = 0
+    running: dict = {}  # pid -> run dir
+    extra = batch.payload_extra()  # timeout, cancel_grace
+
+    def reap_one() -> None:
+        pid, status = os.wait()
+        run_dir = running.pop(pid, None)
+        if run_dir is not None:
+            # a run that died without its record (os._exit, a signal): its exit code or signal
+            transitions.died_without_record(
+                run_dir, f"runner process {pid}", exit_code=waitstatus_to_exitcode(status)
+            )
+
     for run in batch.runs:
-        while running >= limit:
-            os.wait()
-            running -= 1
+        while len(running) >= limit:
+            reap_one()
         if (run.run_dir / records.CANCEL_MARK).exists():
-            records.write_status(run.run_dir, "CANCELLED", message="cancelled before it started")
+            transitions.cancelled_before_start(run.run_dir)
             continue
+        if transitions.current(run.run_dir) is not State.PENDING:
+            continue  # settled meanwhile (e.g. FAILED by a poll that saw the launcher die)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.setpgid(0, 0)
                 code = runner.execute(
-                    run.run_dir, lambda run=run: (batch.fn, config._replace(), run.variant), echo=echo
+                    run.run_dir, lambda run=run: (batch.fn, config._replace(), run.variant, extra), echo=echo
                 )
             finally:
                 os._exit(code)
-        running += 1
+        running[pid] = run.run_dir
     while running:
-        os.wait()
-        running -= 1
+        reap_one()
     return 0

@@ -11,14 +11,16 @@ a warm runner, as in mode ``slurm``. The runner is the cluster's ``python3`` (op
 
 from __future__ import annotations
 
-import shlex
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-from .. import __version__, bundle, records
+from .. import __version__, bundle, records, transitions
 from ..batch import Batch
 from ..job import Job
 from ..options import Option
+from ..plan import LaunchPlan
+from ..runtimes import RunnerCommand, Runtime, Shell
 from ..slurm_config import ARRAY_OPTIONS, SLURM_OPTIONS, SlurmConfig, config_for
 from ..spec import State
 from ..templating import render
@@ -36,29 +38,56 @@ BUNDLE_OPTIONS = (
 )
 
 
+@dataclass
+class BundlePlan(LaunchPlan):
+    """What ``check()`` resolved for a bundle: the Slurm config (and the runtime, redone with
+    the cluster paths once the batch id is known)."""
+
+    config_name: str = ""
+    config: Optional[SlurmConfig] = None
+
+
 class BundleMode(Mode):
     """Shared by ``sss`` and ``htp``: validation, code shipping, GENERATED states, local cancel."""
 
     poll_interval = 5.0
     taskfile = False
 
-    def check(self, batch: Batch) -> None:
+    def check(self, batch: Batch) -> BundlePlan:
         name, cfg = config_for(self.settings, batch.options)
         bundle.check_common(self.settings, batch)
-        bundle.cluster_paths(self.settings, batch, taskfile=self.taskfile)  # validates the config paths
-        batch.mode_data["slurm"] = (name, cfg)
+        cluster = bundle.cluster_paths(self.settings, batch, taskfile=self.taskfile)  # validates them
+        if bundle.resolve_image(self.settings, batch.options):
+            # the jobs bind the bundle and the log dir: singularity -B splits at ':' and ','
+            for key, path in (
+                ("SLURM_DIRECTORY_FOR_JOB_SCRIPT", cluster.bundle),
+                ("SSS_LOG_DIR", cluster.logs),
+            ):
+                if path and any(ch in path for ch in ":,"):
+                    raise bundle.BundleError(
+                        f"config {key}: the cluster path {path!r} holds ':' or ',', which singularity -B "
+                        "cannot bind (it splits there); choose a path without them"
+                    )
         self.check_mode(batch, name, cfg)
+        return BundlePlan(
+            runtime=bundle.make_runtime(self.settings, batch.options, cluster),
+            variants_per_task=int(batch.options.get("variants_per_task") or 1),
+            config_name=name,
+            config=cfg,
+        )
 
     def check_mode(self, batch: Batch, name: str, cfg: SlurmConfig) -> None:
         """Mode-specific validation (before anything is written)."""
 
-    def start(self, batch: Batch) -> Tuple[Path, bundle.ClusterPaths, List[str]]:
-        """Bundle dir, cluster paths, and the code shipped (PYTHONPATH zips)."""
+    def start(self, batch: Batch, plan: BundlePlan) -> Tuple[Path, bundle.ClusterPaths, RunnerCommand]:
+        """Bundle dir, cluster paths (now that the batch id is known), and the runner's command
+        with the code shipped into the bundle."""
         cluster = bundle.cluster_paths(self.settings, batch, taskfile=self.taskfile)
         root = batch.sweep_dir
         (root / bundle.JOBS).mkdir(parents=True, exist_ok=True)
         zips = bundle.prepare_code(batch, root)
-        return root, cluster, zips
+        plan.runtime = bundle.make_runtime(self.settings, batch.options, cluster)
+        return root, cluster, bundle.runner_command(plan.runtime, zips)
 
     def finish(self, batch: Batch, root: Path) -> None:
         bundle.mark_generated(batch, root)
@@ -69,34 +98,30 @@ class BundleMode(Mode):
         batch: Batch,
         root: Path,
         cluster: bundle.ClusterPaths,
-        runner: bundle.Runner,
+        runtime: Runtime,
         submit: str,
         readme: dict,
         extra: dict,
     ) -> None:
         """Write submit.sh, README.txt and bundle.json (``readme``/``extra``: the mode's own
         entries), then say where the bundle is."""
-        text = self.readme_common(batch, runner, cluster)
+        text = self.readme_common(batch, runtime, cluster)
         text.update(readme)
         bundle.write_common(batch, root, self.name, cluster, text, submit, extra=extra)
         bundle.announce(root, len(batch.runs), self.name)
 
-    def readme_common(self, batch: Batch, runner: bundle.Runner, cluster: bundle.ClusterPaths) -> dict:
+    def readme_common(self, batch: Batch, runtime: Runtime, cluster: bundle.ClusterPaths) -> dict:
         import cloudpickle
 
         shown = cluster.bundle or f"easylaunch-bundles/{bundle.bundle_name(batch)}"
-        if runner.image:
-            runner_shown = f"singularity exec ... {runner.image} {runner.python} -m easylaunch.runner"
-        else:
-            runner_shown = f"{runner.python} -m easylaunch.runner"
         return {
-            "image": runner.image,
-            "python_cmd": runner.python,
-            "pre_cmds": runner.pre_cmds,
+            "image": runtime.image,
+            "python_cmd": runtime.python,
+            "pre_cmds": list(self.settings.get("SSS_PRE_CMDS") or []),
             "cloudpickle_version": cloudpickle.__version__,
             "cluster_bundle_shown": shown,
             "logs_shown": cluster.logs or f"{shown}/logs",
-            "runner_shown": runner_shown,
+            "runner_argv": [runtime.python, "-m", "easylaunch.runner"],
         }
 
     # -- after launch ----------------------------------------------------------------
@@ -106,17 +131,12 @@ class BundleMode(Mode):
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Mark the local runs CANCELLED: easylaunch cannot reach the cluster to stop anything."""
         for job in jobs:
-            status = records.read_status(job.run_dir)
-            if status.get("state") in (State.GENERATED, State.PENDING, State.RUNNING):
-                where = (job.manifest.get("backend") or {}).get("bundle", "its bundle")
-                records.write_status(
-                    job.run_dir,
-                    State.CANCELLED,
-                    message=(
-                        "cancelled here only: easylaunch cannot reach the cluster; if the bundle "
-                        f"{where} was submitted, scancel its job there"
-                    ),
-                )
+            where = (job.manifest.get("backend") or {}).get("bundle", "its bundle")
+            transitions.cancelled_here_only(
+                job.run_dir,
+                "cancelled here only: easylaunch cannot reach the cluster; if the bundle "
+                f"{where} was submitted, scancel its job there",
+            )
 
     def fetch(self, jobs: Sequence[Job]) -> None:
         """Nothing to fetch: copy the results back and run ``easylaunch collect``."""
@@ -136,11 +156,11 @@ class SssMode(BundleMode):
         ),
     )
 
-    def launch(self, batch: Batch) -> None:
-        name, cfg = batch.mode_data["slurm"]  # resolved by check()
+    def launch(self, batch: Batch, plan: BundlePlan) -> None:
+        name, cfg = plan.config_name, plan.config
         opts = batch.options
-        root, cluster, zips = self.start(batch)
-        k = int(opts.get("variants_per_task") or 1)
+        root, cluster, command = self.start(batch, plan)
+        k = plan.variants_per_task
         chunk = int(opts.get("max_array_size") or 1000)
         n = len(batch.runs)
         groups = [batch.runs[i : i + k] for i in range(0, n, k)]
@@ -169,7 +189,6 @@ class SssMode(BundleMode):
             root / bundle.JOBS / "tasks.json",
             {"groups": paths, "max_requeue": int(opts.get("max_requeue") or 0)},
         )
-        runner = bundle.make_runner(self.settings, opts, zips, cluster)
         limit = opts.get("max_parallel")
         directives = cfg.directives()
         for i, first in enumerate(range(0, len(groups), chunk)):
@@ -188,8 +207,14 @@ class SssMode(BundleMode):
                 requeue=bool(opts.get("max_requeue")),
                 directives=directives,
                 cluster=cluster,
-                runner=runner,
-                offset=first,
+                runner=command,
+                args=[
+                    "--tasks",
+                    Shell('"$BUNDLE/jobs/tasks.json"'),
+                    "--index",
+                    Shell(f'"$((SLURM_ARRAY_TASK_ID + {first}))"'),
+                    "--quiet",
+                ],
             )
             bundle.write_file(root / scripts[i], text, 0o755)
         submit = render(
@@ -200,14 +225,14 @@ class SssMode(BundleMode):
             n_runs=n,
             scripts=scripts,
             cluster=cluster,
-            runner=runner,
+            runtime=plan.runtime,
             python_minor=bundle.python_version(),
         )
         self.publish(
             batch,
             root,
             cluster,
-            runner,
+            plan.runtime,
             submit,
             readme=dict(
                 n_scripts=len(scripts),
@@ -215,7 +240,7 @@ class SssMode(BundleMode):
                 variants_per_task=k,
                 max_parallel=limit,
                 slurm_config_name=name,
-                directives=[shlex.quote(d) for d in directives],
+                sbatch_argv=cfg.argv(),
             ),
             extra={"scripts": scripts, "slurm_config": name, "variants_per_task": k},
         )

@@ -37,21 +37,6 @@ BUILD_SIF=${EASYLAUNCH_TEST_BUILD_SIF:-1}
 PYTHON=${PYTHON:-python3}
 MIRROR=$(debian_mirror)
 
-# Remove a directory tree that debootstrap may have left with mounts inside (proc, sys...):
-# unmount those first and never cross into another file system.
-safe_rm_tree() {
-    local dir=$1 m
-    [[ -e $dir ]] || return 0
-    [[ $dir == "$CACHE"/* ]] || die "refusing to remove $dir"
-    while read -r m; do
-        umount -l "$m" 2>/dev/null || true
-    done < <(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r)
-    if awk -v d="$dir/" 'index($2, d) == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
-        die "mounts remain under $dir"
-    fi
-    rm -rf --one-file-system "$dir"
-}
-
 write_wrappers() {
     local dir
     for dir in "$BIN" /usr/local/bin; do
@@ -132,14 +117,6 @@ ensure_apptainer_root() {
     log "$("$BIN/apptainer" --version)"
 }
 
-wanted_cloudpickle() {
-    local v=${EASYLAUNCH_TEST_CLOUDPICKLE_VERSION:-}
-    if [[ -z $v ]]; then
-        v=$("$PYTHON" -c 'import cloudpickle; print(cloudpickle.__version__)' 2>/dev/null) || v=
-    fi
-    echo "$v"
-}
-
 # Base image (debootstrap) only; runs in the background in parallel with the apptainer root.
 build_image_base() {
     local tmp=$IMG.partial
@@ -163,34 +140,7 @@ image_base_ok() {
         chroot "$IMG" /usr/bin/python3 -c 'import json, sys' 2>/dev/null
 }
 
-image_cloudpickle() { # version installed in the image, empty if none
-    chroot "$IMG" /usr/bin/python3 -c 'import cloudpickle; print(cloudpickle.__version__)' 2>/dev/null || true
-}
-
-install_cloudpickle() {
-    local want=$1 pyver site spec t0
-    t0=$(now)
-    pyver=$(chroot "$IMG" /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    site=$IMG/usr/local/lib/python$pyver/dist-packages
-    spec=cloudpickle${want:+==$want}
-    log "installing $spec into the image (python $pyver)"
-    rm -rf "$site"/cloudpickle "$site"/cloudpickle-*.dist-info
-    mkdir -p "$site"
-    # cloudpickle is pure Python without dependencies: the host's pip (with its index settings)
-    # can put it there directly; else the image's own pip fetches it.
-    if "$PYTHON" -m pip --version >/dev/null 2>&1 &&
-        "$PYTHON" -m pip install -q --no-deps --no-warn-conflicts --target "$site" "$spec" \
-            >"$LOGDIR/pip-image.log" 2>&1; then
-        :
-    else
-        warn "host pip could not install $spec: trying the image's pip"
-        cp -L /etc/resolv.conf "$IMG/etc/resolv.conf" 2>/dev/null || true
-        chroot "$IMG" /usr/bin/python3 -m pip install -q --no-deps --break-system-packages \
-            --root-user-action=ignore "$spec" >>"$LOGDIR/pip-image.log" 2>&1 ||
-            { tail_logs "$LOGDIR/pip-image.log"; die "could not install $spec into $IMG"; }
-    fi
-    log "cloudpickle $(image_cloudpickle) installed in $(elapsed "$t0")"
-}
+image_cloudpickle() { root_cloudpickle "$IMG"; } # version installed in the image, empty if none
 
 verify_image() { # IMAGE WANT
     local out
@@ -251,7 +201,7 @@ do_start() {
     fi
     have=$(image_cloudpickle)
     if [[ -z $have || (-n $want && $have != "$want") ]]; then
-        install_cloudpickle "$want"
+        root_install_cloudpickle "$IMG" "$want"
         have=$(image_cloudpickle)
         [[ -n $have ]] || die "cloudpickle not importable in $IMG"
         [[ -z $want || $have == "$want" ]] || die "image has cloudpickle $have, wanted $want"

@@ -120,13 +120,82 @@ _pid_gone() { ! pid_alive "$1"; }
 # detached from our stdin/stdout (so callers capturing our output never hang), and record its
 # pid. CMD must stay in the foreground (no self-daemonizing), so $! is the daemon itself.
 # (setsid does not fork here: a background job of a non-interactive shell is no group leader.)
+# The daemon inherits no file descriptor but 0-2: a lock or a pipe our caller holds (flock, the
+# pipe of a time limit or of `$(...)`) must not stay open for the daemon's lifetime.
 daemon_start() {
     local name=$1 logfile=$2 pid
     shift 2
-    setsid "$@" </dev/null >>"$logfile" 2>&1 &
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2)); then
+                eval "exec $fd>&-"
+            fi
+        done
+        exec setsid "$@"
+    ) </dev/null >>"$logfile" 2>&1 &
     pid=$!
     pid_record "$name" "$pid"
     log "started $name (pid $pid)"
+}
+
+# safe_rm_tree DIR: remove a directory tree under $CACHE (the caller's cache dir) that debootstrap
+# may have left with mounts inside (proc, sys...): unmount those first, never cross into another
+# file system.
+safe_rm_tree() {
+    local dir=$1 m
+    [[ -e $dir ]] || return 0
+    [[ -n ${CACHE:-} && $dir == "$CACHE"/* ]] || die "refusing to remove $dir"
+    while read -r m; do
+        umount -l "$m" 2>/dev/null || true
+    done < <(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r)
+    if awk -v d="$dir/" 'index($2, d) == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
+        die "mounts remain under $dir"
+    fi
+    rm -rf --one-file-system "$dir"
+}
+
+# The cloudpickle version test images must hold: EASYLAUNCH_TEST_CLOUDPICKLE_VERSION, else what
+# $PYTHON (default python3) imports, else empty.
+wanted_cloudpickle() {
+    local v=${EASYLAUNCH_TEST_CLOUDPICKLE_VERSION:-}
+    if [[ -z $v ]]; then
+        v=$("${PYTHON:-python3}" -c 'import cloudpickle; print(cloudpickle.__version__)' 2>/dev/null) || v=
+    fi
+    echo "$v"
+}
+
+# root_cloudpickle ROOT: the cloudpickle version ROOT's python3 imports (empty if none).
+root_cloudpickle() {
+    chroot "$1" /usr/bin/python3 -c 'import cloudpickle; print(cloudpickle.__version__)' 2>/dev/null || true
+}
+
+# root_install_cloudpickle ROOT [VERSION]: pip-install cloudpickle (VERSION, else the latest) into
+# the Debian root ROOT (for its python3); the log goes to $LOGDIR/pip-<basename of ROOT>.log.
+root_install_cloudpickle() {
+    local root=$1 want=${2:-} pyver site spec t0 py=${PYTHON:-python3} plog
+    plog=$LOGDIR/pip-$(basename "$root").log
+    t0=$(now)
+    pyver=$(chroot "$root" /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    site=$root/usr/local/lib/python$pyver/dist-packages
+    spec=cloudpickle${want:+==$want}
+    log "installing $spec into $root (python $pyver)"
+    rm -rf "$site"/cloudpickle "$site"/cloudpickle-*.dist-info
+    mkdir -p "$site"
+    # cloudpickle is pure Python without dependencies: the host's pip (with its index settings)
+    # can put it there directly; else the root's own pip fetches it.
+    if "$py" -m pip --version >/dev/null 2>&1 &&
+        "$py" -m pip install -q --no-deps --no-warn-conflicts --target "$site" "$spec" \
+            >"$plog" 2>&1; then
+        :
+    else
+        warn "host pip could not install $spec: trying the pip of $root"
+        cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+        chroot "$root" /usr/bin/python3 -m pip install -q --no-deps --break-system-packages \
+            --root-user-action=ignore "$spec" >>"$plog" 2>&1 ||
+            { tail_logs "$plog"; die "could not install $spec into $root"; }
+    fi
+    log "cloudpickle $(root_cloudpickle "$root") installed in $(elapsed "$t0")"
 }
 
 # ---- packages --------------------------------------------------------------------------

@@ -5,7 +5,9 @@
 #   `singularity exec -B /tmp IMAGE python3 ...` and writes a file under /tmp;
 # - `sbatch --array=0-3` shows per-task states and exit codes in
 #   `sacct -X -n -P -o JobID,State,ExitCode -S <start>`;
-# - `--signal=B:USR2@N` reaches the batch script; `scontrol requeue` runs a job again.
+# - `--signal=B:USR2@N` reaches the batch script; `scontrol requeue` runs a job again;
+# - if docker.sh started dockerd: `docker.sh restart` with a container running ends that container
+#   (it does not survive a restart) and dockerd answers again, within seconds.
 # Not part of the test-suite: a diagnostic for the harness itself (a few tens of seconds).
 set -euo pipefail
 
@@ -85,6 +87,22 @@ else
     bad "requeue of $id: rq.txt='$(cat rq.txt 2>&1)' state=$(squeue -h -j "$id" -o '%T %r' 2>&1)"
 fi
 scancel "$id" 2>/dev/null || true
+
+# 5. docker.sh restart while a container runs (only when docker.sh started dockerd).
+if [[ -f $STATE/docker.env ]]; then
+    # shellcheck disable=SC1091
+    source "$STATE/docker.env"
+    t0=$(now)
+    cid=$(docker -H "$EASYLAUNCH_TEST_DOCKER_HOST" run -d --stop-timeout 1 --network none \
+        --label io.easylaunch.selftest=1 "$EASYLAUNCH_TEST_DOCKER_IMAGE_NOPYTHON" sleep 300 2>&1) || cid=''
+    if [[ -n $cid ]] && bash "$HERE/docker.sh" restart >"$WORK/restart.log" 2>&1 &&
+        [[ $(docker -H "$EASYLAUNCH_TEST_DOCKER_HOST" inspect -f '{{.State.Status}}' "$cid") == exited ]]; then
+        ok "docker.sh restart with a container running: it exited, dockerd answers again after $(elapsed "$t0")"
+    else
+        bad "docker.sh restart: container '$cid' $(docker -H "$EASYLAUNCH_TEST_DOCKER_HOST" inspect -f '{{.State.Status}}' "$cid" 2>&1); $(tail -n 5 "$WORK/restart.log" 2>&1)"
+    fi
+    [[ -n $cid ]] && docker -H "$EASYLAUNCH_TEST_DOCKER_HOST" rm -f "$cid" >/dev/null 2>&1
+fi
 
 if [[ $rc == 0 ]]; then log "all checks passed"; else log "some checks FAILED"; fi
 exit $rc
