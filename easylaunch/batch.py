@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__, records
-from .config import Settings, scrub_secrets
+from .config import Settings, has_secrets, redact_argv, redact_secrets, scrub_secrets
 from .gitinfo import capture_git_infos, launch_script_dir, patch_files, repo_root
 from .payload import (
     VALUE,
@@ -190,8 +190,13 @@ class Batch:
         def write_run(run: RunSpec) -> None:
             # readers find a run through its manifest (find_runs), written last and atomically,
             # so variant.json needs no temporary-file dance
-            with open(run.run_dir / records.VARIANT, "wb") as f:
-                f.write(json.dumps(run.shown_variant, indent=1, default=repr).encode() + b"\n")
+            # the function may need a secret-looking key: kept, but then readable by the owner only
+            data = json.dumps(run.shown_variant, indent=1, default=repr).encode() + b"\n"
+            if has_secrets(run.shown_variant):
+                records.atomic_write_bytes(run.run_dir / records.VARIANT, data, records.PRIVATE_MODE)
+            else:
+                with open(run.run_dir / records.VARIANT, "wb") as f:
+                    f.write(data)
 
         shown = self.recorded_variants or [None] * n
         runs = [
@@ -298,7 +303,7 @@ class Batch:
                             index=run.index,
                             run_name=run.name,
                             run_dir=str(run.run_dir),
-                            variant=run.shown_variant,
+                            variant=redact_secrets(run.shown_variant),
                             backend={**self.backend_common, **self.backend.get(run.index, {})},
                         ),
                         compact=True,
@@ -343,7 +348,7 @@ class Batch:
                 "batch_size": len(self.runs),
                 "function": f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', repr(self.fn))}",
                 "host": records.hostname(),
-                "command": sys.argv,
+                "command": redact_argv(sys.argv),
                 "launched": self.created,
             },
             "backend_common": self.backend_common,
@@ -411,7 +416,7 @@ class Batch:
             "host": records.hostname(),
             "user": _user(),
             "cwd": os.getcwd(),
-            "command": sys.argv,
+            "command": redact_argv(sys.argv),
             "launched": self.created,
             "launched_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.created)),
         }

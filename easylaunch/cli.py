@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import records
-from .config import KEYS, load_settings, log_root
+from .config import KEYS, load_settings, log_root, redact_secrets
 from .job import Job, JobError, Sweep, find_runs, refresh_states
 from .spec import TERMINAL_STATES, State
 from .sweep import summarize
@@ -144,7 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "state": state.value,
         "mode": manifest.get("mode"),
         "job_id": job.job_id,
-        "variant": job.variant,
+        "variant": redact_secrets(job.variant),
         "attempt": status.get("attempt"),
         "host": status.get("host"),
         "pid": status.get("pid"),

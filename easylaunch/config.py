@@ -73,13 +73,19 @@ KEYS: dict[str, Key] = {
     "DOCKER_HOST": Key(_S, None, "local_docker: daemon URL (default: $DOCKER_HOST, else the local socket)"),
     # AWS
     "AWS_S3_PATH": Key(_S, None, "ec2: s3://BUCKET/PREFIX where code, payloads and every run's outputs go"),
-    "DOODAD_DOCKER_IMAGE": Key(_S, None, "Docker image for CPU runs (ec2/gcp: runs in it on the instance; '' or None: the VM's python3)"),
+    "DOODAD_DOCKER_IMAGE": Key(
+        _S,
+        None,
+        "Docker image for CPU runs (ec2/gcp: runs in it on the instance; '' or None: the VM's python3)",
+    ),
     "GPU_DOODAD_DOCKER_IMAGE": Key(_S, None, "Docker image for GPU runs"),
     "INSTANCE_TYPE": Key(_S, "c4.2xlarge", "EC2 instance type for CPU runs"),
     "GPU_INSTANCE_TYPE": Key(_S, "g3.4xlarge", "EC2 instance type for GPU runs"),
     "SPOT_PRICE": Key(_N, 0.3, "EC2 spot bid for CPU runs (USD/hour)"),
     "GPU_SPOT_PRICE": Key(_N, 0.5, "EC2 spot bid for GPU runs (USD/hour)"),
-    "REGION_TO_GPU_AWS_IMAGE_ID": Key(_D, {}, "ec2: region -> AMI id (an image with python3, and Docker when a docker_image is used)"),
+    "REGION_TO_GPU_AWS_IMAGE_ID": Key(
+        _D, {}, "ec2: region -> AMI id (an image with python3, and Docker when a docker_image is used)"
+    ),
     "AWS_FILE_TYPES_TO_SAVE": Key(
         _L,
         _SYNC_PATTERNS,
@@ -143,17 +149,61 @@ KEYS: dict[str, Key] = {
     ),
 }
 
-SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "CREDENTIAL", "ACCESS_KEY", "PRIVATE_KEY", "API_KEY")
+#: words that make a name secret-looking (``aws_secret_access_key``, ``apiToken``, ``DB_PASSWORD``)
+SECRET_WORDS = frozenset(
+    {
+        "secret",
+        "secrets",
+        "password",
+        "passwd",
+        "passphrase",
+        "token",
+        "credential",
+        "credentials",
+        "apikey",
+        "privatekey",
+        "accesskey",
+        "sessionkey",
+        "signingkey",
+    }
+)
+#: pairs of adjacent words that do too (``access_key``, ``private-key``, ``ApiKey``)
+SECRET_PAIRS = frozenset(
+    {
+        ("access", "key"),
+        ("private", "key"),
+        ("api", "key"),
+        ("session", "key"),
+        ("signing", "key"),
+        ("auth", "key"),
+    }
+)
+#: what a secret-looking value is replaced by where a record keeps its key (variants, command lines)
+REDACTED = "<redacted>"
 
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key, the value and the fix."""
 
 
+def _words(name: str) -> list:
+    import re
+
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)  # camelCase -> camel Case
+    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
+
+
 def is_secret(name: str) -> bool:
-    """True for names that look like they hold credentials (never written to manifests)."""
-    upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS)
+    """True for names that look like they hold credentials (never written to manifests).
+
+    Matched by whole words, so ``max_tokens``, ``tokenizer`` or ``keyboard`` are not secrets::
+
+        is_secret("aws_secret_access_key")  # True
+        is_secret("apiToken")               # True
+        is_secret("max_tokens")             # False
+    """
+    words = _words(name)
+    return any(w in SECRET_WORDS for w in words) or any(p in SECRET_PAIRS for p in zip(words, words[1:]))
 
 
 def scrub_secrets(value: Any) -> Any:
@@ -163,6 +213,58 @@ def scrub_secrets(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(scrub_secrets(v) for v in value)
     return value
+
+
+def redact_secrets(value: Any) -> Any:
+    """``value`` with the values of secret-looking keys replaced by ``<redacted>``, at any depth.
+
+    For records that should still show which keys there were (a manifest's variant)::
+
+        redact_secrets({"lr": 0.1, "db": {"password": "x"}})  # {'lr': 0.1, 'db': {'password': '<redacted>'}}
+    """
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and is_secret(k) else redact_secrets(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_secrets(v) for v in value)
+    return value
+
+
+def has_secrets(value: Any) -> bool:
+    """True when ``value`` holds a secret-looking key at any depth."""
+    if isinstance(value, Mapping):
+        return any((isinstance(k, str) and is_secret(k)) or has_secrets(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_secrets(v) for v in value)
+    return False
+
+
+def redact_argv(argv: list) -> list:
+    """A command line with the values of secret-looking options replaced by ``<redacted>``.
+
+    ``--password=x``, ``--api-token x``, ``PASSWORD=x`` and ``-O aws_secret_access_key=x`` alike::
+
+        redact_argv(["train.py", "--password", "hunter2", "--lr=0.1"])
+        # ['train.py', '--password', '<redacted>', '--lr=0.1']
+    """
+    out = []
+    hide_next = False
+    for arg in map(str, argv):
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        name, eq, _value = arg.partition("=")
+        if eq and is_secret(name.lstrip("-")):
+            out.append(f"{name}={REDACTED}")
+        elif arg.startswith("-") and not eq and is_secret(arg.lstrip("-")):
+            out.append(arg)
+            hide_next = True
+        else:
+            out.append(arg)
+    return out
 
 
 def find_config_file() -> Optional[Path]:

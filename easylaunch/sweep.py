@@ -61,12 +61,16 @@ def grid(space: Mapping[str, Any]) -> List[Dict[str, Any]]:
 
 
 def summarize(variant: Mapping[str, Any], width: int = 40) -> str:
-    """Short ``k=v`` text of a variant for tables."""
+    """Short ``k=v`` text of a variant for tables (secret-looking values shown as ``<redacted>``)."""
+    from .config import REDACTED, is_secret
+
     items = []
 
     def walk(prefix: str, node: Mapping[str, Any]) -> None:
         for k, v in node.items():
-            if isinstance(v, Mapping):
+            if isinstance(k, str) and is_secret(k):
+                items.append(f"{prefix}{k}={REDACTED}")
+            elif isinstance(v, Mapping):
                 walk(f"{prefix}{k}.", v)
             else:
                 items.append(f"{prefix}{k}={v}")

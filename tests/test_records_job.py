@@ -151,6 +151,57 @@ def test_no_secret_in_the_manifest(log_dir):
     assert stat.S_IMODE((job.run_dir / "payload.pkl").stat().st_mode) == 0o600
 
 
+def return_variant(doodad_config, variant):
+    return variant
+
+
+def test_secret_looking_variant_keys_and_command_line_values_stay_out_of_the_manifest(
+    log_dir, monkeypatch, tmp_path
+):
+    secret = "SEKRET-0987654321"
+    monkeypatch.setattr(sys, "argv", ["launch.py", f"--password={secret}", "--api-token", secret, "--lr=0.1"])
+    variant = {"password": secret, "db": {"api_token": secret}, "max_tokens": 7, "tokenizer": "bpe"}
+    job = run_experiment(return_variant, exp_name="secret-variant", mode="local", variant=variant)
+    assert job.result() == variant  # the function gets the variant whole
+    manifest = json.loads((job.run_dir / "manifest.json").read_text())
+    assert secret not in json.dumps(manifest)
+    # the keys are shown, their values redacted; names that merely contain a word are kept
+    assert manifest["variant"] == {
+        "password": "<redacted>",
+        "db": {"api_token": "<redacted>"},
+        "max_tokens": 7,
+        "tokenizer": "bpe",
+    }
+    assert manifest["command"] == ["launch.py", "--password=<redacted>", "--api-token", "<redacted>", "--lr=0.1"]
+    # variant.json keeps what the function needs, readable by its owner only
+    assert json.loads((job.run_dir / "variant.json").read_text()) == variant
+    assert stat.S_IMODE((job.run_dir / "variant.json").stat().st_mode) == 0o600
+    for path in job.run_dir.rglob("*"):
+        if path.is_file() and path.name not in ("payload.pkl", "result.pkl", "variant.json"):
+            assert secret.encode() not in path.read_bytes(), path.name
+    # a variant without such keys stays world-readable, as before
+    plain = run_experiment(return_variant, exp_name="plain-variant", mode="local", variant={"lr": 1})
+    plain.wait()
+    assert stat.S_IMODE((plain.run_dir / "variant.json").stat().st_mode) == 0o644
+    # neither `easylaunch ls` nor `status` prints the value
+    ls = subprocess.run(
+        [sys.executable, "-m", "easylaunch.cli", "status", str(job.run_dir)], capture_output=True, text=True
+    )
+    assert ls.returncode == 0, ls.stderr
+    assert secret not in ls.stdout and "<redacted>" in ls.stdout
+
+
+def test_sss_bundle_copies_no_secret_in_clear(log_dir, monkeypatch, tmp_path):
+    secret = "SEKRET-BUNDLE-42"
+    monkeypatch.setattr(sys, "argv", ["launch.py", f"--db-password={secret}"])
+    sweep = run_sweep(return_variant, [{"aws_secret_access_key": secret, "i": 0}], exp_name="secret-bundle", mode="sss")
+    bundle = Path(sweep[0].manifest["backend"]["bundle"])
+    files = [p for p in bundle.rglob("*") if p.is_file()]
+    assert any(p.name == "variant.json" for p in files)
+    readable = [p for p in files if stat.S_IMODE(p.stat().st_mode) & 0o044 and secret.encode() in p.read_bytes()]
+    assert not readable, readable
+
+
 # -- concurrency and atomicity ---------------------------------------------------------------
 
 CONCURRENT_SCRIPT = """
