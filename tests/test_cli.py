@@ -15,10 +15,13 @@ from easylaunch import Job, State, run_experiment, run_sweep
 
 
 def cli(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "easylaunch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "easylaunch.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"easylaunch {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"easylaunch {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -63,8 +66,11 @@ def test_unknown_run_is_a_clear_error(log_dir):
 
 def test_logs_follow_and_cancel_experiment(log_dir):
     job = run_experiment(sleepy, exp_name="clicancel", mode="local", variant={}, skip_wait=True)
-    follower = subprocess.Popen([sys.executable, "-m", "easylaunch.cli", "logs", "-f", job.run_dir.name],
-                                stdout=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "easylaunch.cli", "logs", "-f", job.run_dir.name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 30
     # RUNNING is recorded before the function's first line: a cancel then may beat its print
     while "sleeping" not in job.stdout() and time.time() < deadline:
@@ -77,7 +83,9 @@ def test_logs_follow_and_cancel_experiment(log_dir):
 
 def test_relaunch_from_manifest_on_another_mode(log_dir):
     job = run_experiment(double, exp_name="clire", mode="local", variant={"x": 5})
-    new_dir = Path(cli("relaunch", job.run_dir.name, "--mode", "here_no_doodad").stdout.strip().splitlines()[-1])
+    new_dir = Path(
+        cli("relaunch", job.run_dir.name, "--mode", "here_no_doodad").stdout.strip().splitlines()[-1]
+    )
     again = Job.load(new_dir)
     assert again.manifest["mode"] == "here_no_doodad" and again.result() == 10
     assert again.variant == {"x": 5} and new_dir != job.run_dir
@@ -108,21 +116,24 @@ def test_templates_are_installed_with_the_package():
     assert "slurm_array.sh.j2" in names
 
 
-@pytest.mark.skipif(not os.environ.get("CI") and not os.environ.get("EASYLAUNCH_TEST_NONEDITABLE"),
-                    reason="slow: builds a wheel into a fresh venv (always runs in CI)")
+@pytest.mark.skipif(
+    not os.environ.get("CI") and not os.environ.get("EASYLAUNCH_TEST_NONEDITABLE"),
+    reason="slow: builds a wheel into a fresh venv (always runs in CI)",
+)
 def test_non_editable_install_finds_templates(tmp_path):
     root = Path(__file__).resolve().parents[1]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(root)],
-                   check=True, timeout=300)
-    code = ("from easylaunch.templating import render; import easylaunch, sys;"
-            "from easylaunch.runtimes import RunnerCommand;"
-            "assert 'site-packages' in easylaunch.__file__, easylaunch.__file__;"
-            "print(render('slurm_array.sh.j2', version='v', exp_name='e', batch_id='b', first_group=0,"
-            " last_group=0, tasks_file='/t f', job_name='j', array_spec='0-0', output_pattern='/o',"
-            " signal_seconds=9, requeue=False, directives=[], runner=RunnerCommand(['py']),"
-            " args=['--tasks', '/t f']))")
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(root)], check=True, timeout=300)
+    code = (
+        "from easylaunch.templating import render; import easylaunch, sys;"
+        "from easylaunch.runtimes import RunnerCommand;"
+        "assert 'site-packages' in easylaunch.__file__, easylaunch.__file__;"
+        "print(render('slurm_array.sh.j2', version='v', exp_name='e', batch_id='b', first_group=0,"
+        " last_group=0, tasks_file='/t f', job_name='j', array_spec='0-0', output_pattern='/o',"
+        " signal_seconds=9, requeue=False, directives=[], runner=RunnerCommand(['py']),"
+        " args=['--tasks', '/t f']))"
+    )
     out = subprocess.run([str(venv / "bin/python"), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--tasks '/t f'" in out.stdout

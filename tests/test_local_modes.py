@@ -111,8 +111,9 @@ def test_local_waits_by_default(log_dir):
 
 def test_local_skip_wait_returns_at_once(tmp_path, log_dir):
     go = tmp_path / "go"
-    job = run_experiment(start_then_block, exp_name="loc", mode="local", variant={"go": str(go), "i": 7},
-                         skip_wait=True)
+    job = run_experiment(
+        start_then_block, exp_name="loc", mode="local", variant={"go": str(go), "i": 7}, skip_wait=True
+    )
     # the function cannot finish before the go file exists
     assert status_of(job.run_dir)["state"] in ("PENDING", "RUNNING")
     assert not job.done()
@@ -123,8 +124,14 @@ def test_local_skip_wait_returns_at_once(tmp_path, log_dir):
 
 def test_local_sweep_within_max_parallel_runs_together(tmp_path, log_dir):
     go = tmp_path / "go"
-    sweep = run_sweep(start_then_block, [{"go": str(go), "i": i} for i in range(2)], exp_name="loc",
-                      mode="local", max_parallel=2, skip_wait=True)
+    sweep = run_sweep(
+        start_then_block,
+        [{"go": str(go), "i": i} for i in range(2)],
+        exp_name="loc",
+        mode="local",
+        max_parallel=2,
+        skip_wait=True,
+    )
     # both must be running at the same time for either to see the other's start
     deadline = time.time() + 30
     while not all(started(j.run_dir) for j in sweep) and time.time() < deadline:
@@ -221,8 +228,13 @@ def test_sweep_larger_than_max_parallel_is_limited_and_outlives_the_script(
     go, counter = tmp_path / "go", tmp_path / "counter"
     script = tmp_path / "counting.py"
     script.write_text(textwrap.dedent(COUNTING.format(mode=mode)))
-    proc = subprocess.run([sys.executable, str(script), str(go), str(counter)], capture_output=True,
-                          text=True, timeout=30, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(go), str(counter)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     run_dirs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(run_dirs) == 6
@@ -243,8 +255,14 @@ def test_sweep_larger_than_max_parallel_is_limited_and_outlives_the_script(
 
 def test_local_cancel_running_and_queued(tmp_path, log_dir, wait_until):
     never = str(tmp_path / "never")
-    sweep = run_sweep(start_then_block, [{"go": never, "i": i} for i in range(3)], exp_name="cancel",
-                      mode="local", max_parallel=1, skip_wait=True)
+    sweep = run_sweep(
+        start_then_block,
+        [{"go": never, "i": i} for i in range(3)],
+        exp_name="cancel",
+        mode="local",
+        max_parallel=1,
+        skip_wait=True,
+    )
     running, queued, queued2 = sweep
     wait_until(lambda: started(running.run_dir), what="the first run to start")
     queued.cancel()
@@ -266,8 +284,13 @@ def test_local_cancel_running_and_queued(tmp_path, log_dir, wait_until):
 
 
 def test_local_cancel_single_running_run(tmp_path, log_dir, wait_until):
-    job = run_experiment(start_then_block, exp_name="cancel1", mode="local",
-                         variant={"go": str(tmp_path / "never")}, skip_wait=True)
+    job = run_experiment(
+        start_then_block,
+        exp_name="cancel1",
+        mode="local",
+        variant={"go": str(tmp_path / "never")},
+        skip_wait=True,
+    )
     wait_until(lambda: started(job.run_dir), what="the run to start")
     job.cancel()
     assert job.wait(timeout=30) is State.CANCELLED
@@ -284,8 +307,15 @@ def test_local_pool_single_run(log_dir):
     out = job.result()
     assert out["i"] == 9 and out["pid"] != os.getpid() and out["dir"] == str(job.run_dir)
     assert "identify 9" in job.stdout()
-    for name in ("manifest.json", "variant.json", "payload.pkl", "status.json", "stdout.log", "stderr.log",
-                 "result.pkl"):
+    for name in (
+        "manifest.json",
+        "variant.json",
+        "payload.pkl",
+        "status.json",
+        "stdout.log",
+        "stderr.log",
+        "result.pkl",
+    ):
         assert (job.run_dir / name).is_file(), name
 
 
@@ -310,8 +340,7 @@ def test_local_pool_sweep_of_50(log_dir, run_dirs):
 def test_local_pool_dead_children_fail_others_complete(log_dir):
     variants = [{"i": 0}, {"i": 1, "die": "exit"}, {"i": 2}, {"i": 3, "die": "kill"}, {"i": 4}]
     sweep = run_sweep(die_or_return, variants, exp_name="pooldie", mode="local_pool", max_parallel=2)
-    assert sweep.states() == [State.COMPLETED, State.FAILED, State.COMPLETED, State.FAILED,
-                              State.COMPLETED]
+    assert sweep.states() == [State.COMPLETED, State.FAILED, State.COMPLETED, State.FAILED, State.COMPLETED]
     results = sweep.results(return_exceptions=True)
     assert [results[i] for i in (0, 2, 4)] == [0, 20, 40]
     for i in (1, 3):
@@ -321,8 +350,14 @@ def test_local_pool_dead_children_fail_others_complete(log_dir):
 
 def test_local_pool_cancel_running_and_queued(tmp_path, log_dir, wait_until):
     never = str(tmp_path / "never")
-    sweep = run_sweep(start_then_block, [{"go": never, "i": i} for i in range(3)], exp_name="poolcancel",
-                      mode="local_pool", max_parallel=1, skip_wait=True)
+    sweep = run_sweep(
+        start_then_block,
+        [{"go": never, "i": i} for i in range(3)],
+        exp_name="poolcancel",
+        mode="local_pool",
+        max_parallel=1,
+        skip_wait=True,
+    )
     wait_until(lambda: started(sweep[0].run_dir), what="the first run to start")
     sweep.cancel()
     assert sweep.wait(timeout=30).states() == [State.CANCELLED] * 3

@@ -19,10 +19,31 @@ import pytest
 
 from easylaunch import Job, JobError, State, Sweep, grid, load_experiment, run_experiment, run_sweep
 
-MANIFEST_KEYS = {"mode", "options", "variant", "git", "python", "packages", "host", "user", "command",
-                 "launched", "backend"}
-STATUS_KEYS = {"state", "created", "updated", "started", "ended", "host", "pid", "exit_code", "attempt",
-               "history"}
+MANIFEST_KEYS = {
+    "mode",
+    "options",
+    "variant",
+    "git",
+    "python",
+    "packages",
+    "host",
+    "user",
+    "command",
+    "launched",
+    "backend",
+}
+STATUS_KEYS = {
+    "state",
+    "created",
+    "updated",
+    "started",
+    "ended",
+    "host",
+    "pid",
+    "exit_code",
+    "attempt",
+    "history",
+}
 
 
 def chatty(doodad_config, variant):
@@ -172,7 +193,13 @@ def test_secret_looking_variant_keys_and_command_line_values_stay_out_of_the_man
         "max_tokens": 7,
         "tokenizer": "bpe",
     }
-    assert manifest["command"] == ["launch.py", "--password=<redacted>", "--api-token", "<redacted>", "--lr=0.1"]
+    assert manifest["command"] == [
+        "launch.py",
+        "--password=<redacted>",
+        "--api-token",
+        "<redacted>",
+        "--lr=0.1",
+    ]
     # variant.json keeps what the function needs, readable by its owner only
     assert json.loads((job.run_dir / "variant.json").read_text()) == variant
     assert stat.S_IMODE((job.run_dir / "variant.json").stat().st_mode) == 0o600
@@ -194,11 +221,15 @@ def test_secret_looking_variant_keys_and_command_line_values_stay_out_of_the_man
 def test_sss_bundle_copies_no_secret_in_clear(log_dir, monkeypatch, tmp_path):
     secret = "SEKRET-BUNDLE-42"
     monkeypatch.setattr(sys, "argv", ["launch.py", f"--db-password={secret}"])
-    sweep = run_sweep(return_variant, [{"aws_secret_access_key": secret, "i": 0}], exp_name="secret-bundle", mode="sss")
+    sweep = run_sweep(
+        return_variant, [{"aws_secret_access_key": secret, "i": 0}], exp_name="secret-bundle", mode="sss"
+    )
     bundle = Path(sweep[0].manifest["backend"]["bundle"])
     files = [p for p in bundle.rglob("*") if p.is_file()]
     assert any(p.name == "variant.json" for p in files)
-    readable = [p for p in files if stat.S_IMODE(p.stat().st_mode) & 0o044 and secret.encode() in p.read_bytes()]
+    readable = [
+        p for p in files if stat.S_IMODE(p.stat().st_mode) & 0o044 and secret.encode() in p.read_bytes()
+    ]
     assert not readable, readable
 
 
@@ -227,8 +258,13 @@ def test_simultaneous_launches_never_share_a_directory(mode, tmp_path, log_dir, 
     script.write_text(textwrap.dedent(CONCURRENT_SCRIPT.format(mode=mode)))
     start_at = time.time() + 1.0  # both scripts start launching at the same moment
     procs = [
-        subprocess.Popen([sys.executable, str(script), who, repr(start_at)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+        subprocess.Popen(
+            [sys.executable, str(script), who, repr(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(tmp_path),
+        )
         for who in ("A", "B")
     ]
     outputs = {}
@@ -273,8 +309,7 @@ def test_status_json_is_always_valid_json_during_a_sweep(log_dir):
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     try:
-        sweep = run_sweep(tick, grid({"i": range(30)}), exp_name="atomic", mode="local_pool",
-                          max_parallel=4)
+        sweep = run_sweep(tick, grid({"i": range(30)}), exp_name="atomic", mode="local_pool", max_parallel=4)
         assert sweep.results(timeout=60) == list(range(30))
     finally:
         stop.set()
@@ -289,8 +324,9 @@ def test_status_json_is_always_valid_json_during_a_sweep(log_dir):
 
 def test_job_handle_lifecycle(tmp_path, log_dir):
     go = tmp_path / "go"
-    job = run_experiment(wait_for_file_then_return, exp_name="life", mode="local",
-                         variant={"go": str(go)}, skip_wait=True)
+    job = run_experiment(
+        wait_for_file_then_return, exp_name="life", mode="local", variant={"go": str(go)}, skip_wait=True
+    )
     assert isinstance(job, Job)
     assert job.run_dir.is_dir() and job.run_dir.parent == log_dir / "life"
     assert job.job_id == job.run_dir.name
@@ -330,8 +366,13 @@ def test_job_load_in_a_fresh_process_gives_same_state_and_result(log_dir):
         "    out.append([job.state.value, job.job_id, res])\n"
         "print(json.dumps(out))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(done.run_dir), str(failed.run_dir)],
-                          capture_output=True, text=True, timeout=60, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(done.run_dir), str(failed.run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     (s1, id1, r1), (s2, id2, r2) = json.loads(proc.stdout)
     assert (s1, id1, r1) == ("COMPLETED", done.job_id, ["ok", 9])
@@ -381,8 +422,13 @@ def test_sweep_results_raise_first_failure_unless_asked(log_dir):
 
 
 def test_result_of_a_cancelled_run_raises_job_error(tmp_path, log_dir, wait_until):
-    job = run_experiment(wait_for_file_then_return, exp_name="jerr", mode="local",
-                         variant={"go": str(tmp_path / "never")}, skip_wait=True)
+    job = run_experiment(
+        wait_for_file_then_return,
+        exp_name="jerr",
+        mode="local",
+        variant={"go": str(tmp_path / "never")},
+        skip_wait=True,
+    )
     wait_until(lambda: (job.run_dir / "started").exists(), what="the run to start")
     job.cancel()
     assert job.wait(timeout=20) is State.CANCELLED

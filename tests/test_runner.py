@@ -56,8 +56,9 @@ def read_status(run_dir) -> dict:
 
 def runner(payload, *args, env=None, **kwargs) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([*RUNNER, str(payload), *args], capture_output=True, text=True, timeout=60,
-                          env=full_env, **kwargs)
+    return subprocess.run(
+        [*RUNNER, str(payload), *args], capture_output=True, text=True, timeout=60, env=full_env, **kwargs
+    )
 
 
 # -- re-running a payload --------------------------------------------------------------------
@@ -84,8 +85,9 @@ def test_runner_reruns_a_payload_directly(mode, tmp_path, log_dir):
 
 
 def test_runner_quiet_does_not_echo(tmp_path, log_dir):
-    job = run_experiment(count_calls, exp_name="quiet", mode="local",
-                         variant={"counter": str(tmp_path / "c")})
+    job = run_experiment(
+        count_calls, exp_name="quiet", mode="local", variant={"counter": str(tmp_path / "c")}
+    )
     proc = runner(job.run_dir / "payload.pkl", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
@@ -146,8 +148,13 @@ def test_signal_to_a_running_runner_is_recorded(sig, state, log_dir, wait_until)
     job = run_experiment(sleep_when_told, exp_name="sig", mode="local", variant={})
     assert job.result() == "quick"
     env = dict(os.environ, EL_TEST_SLEEP="1")
-    proc = subprocess.Popen([*RUNNER, str(job.run_dir / "payload.pkl"), "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*RUNNER, str(job.run_dir / "payload.pkl"), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_until(lambda: (job.run_dir / "sleeping").exists(), what="the function to start")
         status = read_status(job.run_dir)
