@@ -148,7 +148,7 @@ def parts(logs: Path, repo: Path, n: int) -> Table:
         names = [
             ("prepare", "validate options + cloudpickle fn/variant"),
             ("create_dirs", "create_dirs (run dir, variant, PENDING status)"),
-            ("git", "git capture (GitPython + 2 git diff)"),
+            ("git", "git capture (5 concurrent git commands)"),
             ("pkgver", "package_versions()"),
             ("materialize", "materialize (git + payload + patches + manifest)"),
         ]

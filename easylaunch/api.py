@@ -38,15 +38,12 @@ if sys.version_info[:2] < LAUNCHER_PYTHON:  # before the imports below fail less
 from . import transitions, txlog
 from .batch import Batch
 from .config import load_settings, log_root
-from .gitinfo import prewarm
 from .job import Job, Sweep, _Watcher
 from .modes import all_mode_options, get_mode_class, mode_names
 from .options import COMMON, DOODAD_KEYWORDS, ignored_line, resolve, split_ignored
 from .payload import dumps_checked
 from .plan import LaunchPlan
 from .sweep import check_variants
-
-prewarm()
 
 _EXP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@,-]*$")
 

@@ -24,8 +24,9 @@ def test_grid_expands_lists_ranges_and_dotted_keys():
 
 
 def test_grid_fixed_values_and_independent_copies():
-    variants = grid({"opt": {"name": "adam"}, "lr": (1, 2), "tag": "x", "model.width": 8,
-                     "model.depth": [1, 2]})
+    variants = grid(
+        {"opt": {"name": "adam"}, "lr": (1, 2), "tag": "x", "model.width": 8, "model.depth": [1, 2]}
+    )
     assert variants == [
         {"opt": {"name": "adam"}, "lr": 1, "tag": "x", "model": {"width": 8, "depth": 1}},
         {"opt": {"name": "adam"}, "lr": 1, "tag": "x", "model": {"width": 8, "depth": 2}},
@@ -65,8 +66,12 @@ def test_grid_refuses_a_non_dict():
 def test_grid_variants_run_with_nested_values(log_dir):
     from easylaunch import run_sweep
 
-    sweep = run_sweep(lambda c, v: v["model"]["depth"] * v["lr"], grid({"lr": [1, 2], "model.depth": [10]}),
-                      exp_name="g", mode="here_no_doodad")
+    sweep = run_sweep(
+        lambda c, v: v["model"]["depth"] * v["lr"],
+        grid({"lr": [1, 2], "model.depth": [10]}),
+        exp_name="g",
+        mode="here_no_doodad",
+    )
     assert sweep.results() == [10, 20]
     assert json.loads((sweep[1].run_dir / "variant.json").read_text()) == {"lr": 2, "model": {"depth": 10}}
 
@@ -198,8 +203,10 @@ def test_config_lowercase_names_and_imports_are_ignored(tmp_path):
 # -- git state -------------------------------------------------------------------------------
 
 GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "t@example.com",
-    "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "t@example.com",
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
     "GIT_CONFIG_NOSYSTEM": "1",
 }
 
@@ -207,8 +214,9 @@ GIT_ENV = {
 def git(repo: Path, *args: str) -> str:
     import os
 
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True, env={**os.environ, **GIT_ENV}
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -251,7 +259,8 @@ def test_git_infos_from_a_launch_script_in_a_repository(mode, repo, log_dir, run
     assert info.commit_hash == head
     assert info.branch_name == "main"
     assert "UNSTAGED-CHANGE" in info.code_diff and "STAGED-CHANGE" not in info.code_diff.replace(
-        "UNSTAGED-CHANGE", "")
+        "UNSTAGED-CHANGE", ""
+    )
     assert "STAGED-CHANGE" in info.code_diff_staged and "UNSTAGED-CHANGE" not in info.code_diff_staged
     run_dir = Path(data["run_dir"])
     patches = sorted(p.name for p in (run_dir / "git").iterdir())
@@ -261,13 +270,18 @@ def test_git_infos_from_a_launch_script_in_a_repository(mode, repo, log_dir, run
     # the diffs travel once, as these files, not inside every payload of a sweep
     assert b"UNSTAGED-CHANGE" not in (run_dir / "payload.pkl").read_bytes()
     # the diff applies to the recorded commit: the run can be reproduced from it
-    subprocess.run(["git", "apply", "--check", "-R", str(run_dir / "git" / "0-project.diff")], cwd=repo,
-                   check=True)
-    subprocess.run(["git", "apply", "--check", "-R", "--cached", str(run_dir / "git" / "0-project.staged.diff")],
-                   cwd=repo, check=True)
+    subprocess.run(
+        ["git", "apply", "--check", "-R", str(run_dir / "git" / "0-project.diff")], cwd=repo, check=True
+    )
+    subprocess.run(
+        ["git", "apply", "--check", "-R", "--cached", str(run_dir / "git" / "0-project.staged.diff")],
+        cwd=repo,
+        check=True,
+    )
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["git"] == [{"directory": info.directory, "commit_hash": head, "branch_name": "main",
-                                "dirty": True}]
+    assert manifest["git"] == [
+        {"directory": info.directory, "commit_hash": head, "branch_name": "main", "dirty": True}
+    ]
 
 
 def test_git_patches_are_shared_by_every_run_of_a_sweep(repo, log_dir, run_script):
@@ -286,6 +300,47 @@ def test_git_patches_are_shared_by_every_run_of_a_sweep(repo, log_dir, run_scrip
     assert set(data["hashes"]) == {git(repo, "rev-parse", "HEAD")}
     texts = {(Path(d) / "git" / "0-project.staged.diff").read_text() for d in data["dirs"]}
     assert len(texts) == 1 and "STAGED-CHANGE" in texts.pop()
+
+
+def test_git_capture_from_a_subdirectory_ignores_diff_settings_that_break_patches(repo, tmp_path):
+    """Patches are taken from the top of the work tree with a/ b/ prefixes whatever the user's
+    git config says, so `git apply` on a clean checkout of the commit reproduces the work tree."""
+    from easylaunch.gitinfo import capture_git_infos
+
+    (repo / "pkg").mkdir()
+    for key, value in (
+        ("diff.relative", "true"),
+        ("diff.noprefix", "true"),
+        ("color.ui", "always"),
+        ("diff.mnemonicprefix", "true"),
+    ):
+        git(repo, "config", key, value)
+    (info,) = capture_git_infos([str(repo / "pkg")])
+    assert Path(info.directory).resolve() == repo.resolve()
+    assert info.branch_name == "main" and info.commit_hash == git(repo, "rev-parse", "HEAD")
+    assert "\x1b[" not in info.code_diff and "a/model.py" in info.code_diff
+    assert "a/data.py" in info.code_diff_staged and "data.py" not in info.code_diff
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    for patch in (info.code_diff_staged, info.code_diff):
+        subprocess.run(["git", "apply"], cwd=clone, input=patch.encode(), check=True)
+    assert (clone / "model.py").read_text() == (repo / "model.py").read_text()
+    assert (clone / "data.py").read_text() == (repo / "data.py").read_text()
+
+
+def test_git_capture_of_a_detached_head_and_of_a_repository_without_commits(repo, tmp_path):
+    from easylaunch.gitinfo import capture_git_infos
+
+    git(repo, "checkout", "-q", "--detach")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git(empty, "init", "-q", "-b", "trunk")
+    (empty / "new.py").write_text("x = 1\n")
+    git(empty, "add", "new.py")
+    detached, fresh = capture_git_infos([str(repo), str(empty)])
+    assert detached.branch_name == "[DETACHED]" and len(detached.commit_hash) == 40
+    assert fresh.commit_hash == "" and fresh.branch_name == "trunk"
+    assert "+x = 1" in fresh.code_diff_staged
 
 
 def test_outside_a_repository_git_infos_is_empty_with_one_warning(tmp_path, log_dir, run_script):
@@ -314,9 +369,12 @@ def test_several_non_repository_code_dirs_give_one_warning(tmp_path, log_dir, re
     b.mkdir()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        job = run_experiment(lambda c, v: [tuple(g) for g in c.git_infos], exp_name="dirs",
-                             mode="here_no_doodad", code_dirs_to_mount=[str(a), str(b), str(repo),
-                                                                       str(repo / ".")])
+        job = run_experiment(
+            lambda c, v: [tuple(g) for g in c.git_infos],
+            exp_name="dirs",
+            mode="here_no_doodad",
+            code_dirs_to_mount=[str(a), str(b), str(repo), str(repo / ".")],
+        )
     git_warnings = [w for w in caught if "git" in str(w.message)]
     assert len(git_warnings) == 1
     assert str(a) in str(git_warnings[0].message) and str(b) in str(git_warnings[0].message)
