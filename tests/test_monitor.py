@@ -44,7 +44,9 @@ def test_peak_of_a_child_that_allocates_200mb(log_dir, mode):
     samples = read_samples(job.run_dir)
     assert len(samples) == res["samples"]
     assert max(s["nprocs"] for s in samples) >= 2  # the child was sampled with the runner
-    assert max(s["rss_bytes"] for s in samples) == res["peak_rss_bytes"]
+    # the samples saw the child; the summary's peak may be higher still: it also takes the
+    # kernel's high-water mark (getrusage), which catches a peak that fell between two samples
+    assert 200 * 1024 * 1024 <= max(s["rss_bytes"] for s in samples) <= res["peak_rss_bytes"]
 
 
 def test_command_run_is_monitored(log_dir):

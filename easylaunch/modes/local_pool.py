@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from .. import failpoints, records, runner, transitions
+from .. import failpoints, records, runner, transitions, txlog
 from ..batch import Batch
 from ..gpu_options import GPU_OPTIONS, gpu_request
 from ..plan import LaunchPlan
@@ -93,12 +93,12 @@ def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: 
         os.dup2(devnull_w, 2)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
-    running: dict = {}  # pid -> run dir
+    running: dict = {}  # pid -> (run dir, slot)
     extra = batch.payload_extra()  # timeout, cancel_grace
 
     def reap_one() -> None:
         pid, status = os.wait()
-        run_dir = running.pop(pid, None)
+        run_dir, _slot = running.pop(pid, (None, None))
         if run_dir is not None:
             # a run that died without its record (os._exit, a signal): its exit code or signal
             transitions.died_without_record(
@@ -113,17 +113,20 @@ def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: 
             continue
         if transitions.current(run.run_dir) is not State.PENDING:
             continue  # settled meanwhile (e.g. FAILED by a poll that saw the launcher die)
+        # the lowest slot no running child holds: the timeline shows the pool's real lanes
+        slot = min(set(range(limit)) - {held for _, held in running.values()})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.setpgid(0, 0)
+                os.environ[txlog.ENV_SLOT] = str(slot)
                 code = runner.execute(
                     run.run_dir, lambda run=run: (batch.fn, config._replace(), run.variant, extra), echo=echo
                 )
             finally:
                 os._exit(code)
-        running[pid] = run.run_dir
+        running[pid] = (run.run_dir, slot)
     while running:
         reap_one()
     return 0
