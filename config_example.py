@@ -8,6 +8,12 @@ Local modes need none of it. Written by `easylaunch init`.
 # code directories recorded (git) and shipped; default: the launch script's repository
 CODE_DIRS_TO_MOUNT = None
 
+# code snapshot: more untracked files to leave out (globs; 'data/*' or a name like '*.bin')
+SNAPSHOT_EXCLUDE = []
+
+# code snapshot: files to ship although a default rule leaves them out (globs)
+SNAPSHOT_INCLUDE = []
+
 # data dirs for containers: dicts of local_dir, mount_point and read_only (default True)
 NON_CODE_DIRS_TO_MOUNT = []
 

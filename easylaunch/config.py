@@ -58,6 +58,12 @@ KEYS: dict[str, Key] = {
     "CODE_DIRS_TO_MOUNT": Key(
         _L, None, "code directories recorded (git) and shipped; default: the launch script's repository"
     ),
+    "SNAPSHOT_EXCLUDE": Key(
+        _L, [], "code snapshot: more untracked files to leave out (globs; 'data/*' or a name like '*.bin')"
+    ),
+    "SNAPSHOT_INCLUDE": Key(
+        _L, [], "code snapshot: files to ship although a default rule leaves them out (globs)"
+    ),
     "NON_CODE_DIRS_TO_MOUNT": Key(
         _L, [], "data dirs for containers: dicts of local_dir, mount_point and read_only (default True)"
     ),

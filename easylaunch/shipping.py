@@ -53,7 +53,9 @@ def ship(
     elif code_dirs:
         from . import snapshot
 
-        shipment.snapshot = snapshot.create(code_dirs, store, include_easylaunch=include_easylaunch)
+        shipment.snapshot = snapshot.create(
+            code_dirs, store, include_easylaunch=include_easylaunch, **snapshot_rules(batch)
+        )
     if shipment.snapshot:
         # the archive's path helps only where it is; elsewhere the runner looks next to its runs
         batch.payload_snapshot = {
@@ -68,6 +70,14 @@ def ship(
     if zips:
         shipment.zips = [easylaunch_zip(store), cloudpickle_zip(store)]
     return shipment
+
+
+def snapshot_rules(batch: Batch) -> dict:
+    """The config's ``SNAPSHOT_EXCLUDE`` / ``SNAPSHOT_INCLUDE`` patterns, as snapshot.create takes them."""
+    return {
+        "exclude": list(batch.settings.get("SNAPSHOT_EXCLUDE") or ()),
+        "include": list(batch.settings.get("SNAPSHOT_INCLUDE") or ()),
+    }
 
 
 def keep_local(batch: Batch, store: Path) -> None:
@@ -93,7 +103,9 @@ def keep_local(batch: Batch, store: Path) -> None:
         return
     try:
         store.mkdir(parents=True, exist_ok=True)
-        batch.kept_snapshot = snapshot.create(code_dirs, store, include_easylaunch=False)
+        batch.kept_snapshot = snapshot.create(
+            code_dirs, store, include_easylaunch=False, **snapshot_rules(batch)
+        )
     except (ValueError, OSError, snapshot.SnapshotError) as exc:
         warnings.warn(
             f"easylaunch: no code snapshot kept for this launch ({exc}); a relaunch of its runs "

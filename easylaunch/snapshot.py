@@ -73,6 +73,42 @@ _RACY_NS = 2_000_000_000
 #: file contents kept in memory between hashing and archiving (beyond it: re-read and verified)
 _MEMORY_BUDGET = 256 << 20
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
+#: a snapshot larger than this (MB, ``$EASYLAUNCH_SNAPSHOT_WARN_MB``) is shipped with a warning
+DEFAULT_WARN_MB = 50
+
+#: file names that look like secrets: never snapshotted, even when git tracks them (a warning
+#: names them); Python modules (``credentials.py``) are code, never secrets by name
+SECRET_PATTERNS = tuple(
+    """
+    .env .env.* .envrc .netrc _netrc .pgpass .pypirc .npmrc .git-credentials .htpasswd
+    credentials credentials.* *credentials*.json client_secret*.json service-account*.json
+    secrets.* *.pem *.key *.p12 *.pfx *.jks *.keystore *.kdbx *.ppk id_rsa id_rsa.* id_dsa
+    id_dsa.* id_ecdsa id_ecdsa.* id_ed25519 id_ed25519.*
+    """.split()
+)
+#: directories that hold credentials: nothing under them is snapshotted
+SECRET_DIRS = (".ssh", ".aws", ".gnupg", ".docker", ".kube", ".azure")
+#: look like secrets by name but are templates meant to be shared
+SECRET_TEMPLATES = (".env.example", ".env.sample", ".env.template", ".env.dist", "*.example", "*.sample")
+#: caches and experiment outputs: left out silently when git does not track them (the whole
+#: of a non-git dir is untracked)
+CACHE_PATTERNS = tuple(
+    """
+    .mypy_cache .pytest_cache .ruff_cache .ipynb_checkpoints .tox .nox .hypothesis .eggs
+    *.egg-info .cache .DS_Store .coverage .coverage.* wandb mlruns lightning_logs outputs
+    multirun easylaunch-logs .env
+    """.split()
+)
+#: large data: left out when git does not track it, with a warning naming the files;
+#: ``SNAPSHOT_INCLUDE`` takes one back
+DATA_PATTERNS = tuple(
+    """
+    *.pt *.pth *.ckpt *.safetensors *.onnx *.h5 *.hdf5 *.npy *.npz *.parquet *.feather
+    *.tfrecord *.tfrecords *.mdb *.zip *.tar *.tar.gz *.tgz *.7z *.mp4 *.avi *.mkv
+    """.split()
+)
+#: the start of a PEM or OpenSSH private key: such a file is left out whatever its name
+_PRIVATE_KEY_RE = re.compile(rb"\A\s*-----BEGIN ([A-Z0-9 ]+ )?PRIVATE KEY-----")
 
 
 class SnapshotError(RuntimeError):
@@ -108,11 +144,104 @@ def _norm_mode(st_mode: int) -> int:
     return 0o755 if st_mode & 0o111 else 0o644
 
 
-def _max_bytes() -> int:
+def _mb_env(name: str, default: int) -> int:
     try:
-        return int(float(os.environ.get("EASYLAUNCH_SNAPSHOT_MAX_MB", DEFAULT_MAX_MB)) * (1 << 20))
+        return int(float(os.environ.get(name, default)) * (1 << 20))
     except ValueError:
-        return DEFAULT_MAX_MB << 20
+        return default << 20
+
+
+def _max_bytes() -> int:
+    return _mb_env("EASYLAUNCH_SNAPSHOT_MAX_MB", DEFAULT_MAX_MB)
+
+
+def _glob_re(patterns: Iterable[str]) -> Optional["re.Pattern[str]"]:
+    """One compiled regex for fnmatch-style ``patterns`` (None when there are none)."""
+    import fnmatch
+
+    patterns = [str(p).strip("/") for p in patterns if str(p).strip("/")]
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)) if patterns else None
+
+
+class Rules:
+    """What a snapshot leaves out (see :data:`SECRET_PATTERNS`, :data:`CACHE_PATTERNS`, :data:`DATA_PATTERNS`)::
+
+        rules = Rules(exclude=["scratch/*"], include=["assets/*.npy"])
+        rules.verdict("config/.env", tracked=True)       # -> "secret"
+        rules.verdict("assets/emb.npy", tracked=False)   # -> None (included back)
+        rules.verdict("data/big.npy", tracked=False)     # -> "data"
+        rules.verdict("wandb/run-1/log.txt", tracked=False)   # -> "excluded"
+
+    Untracked caches and ``exclude`` matches are ``"excluded"`` (silently), untracked data
+    files ``"data"`` (warned), secrets ``"secret"`` whether tracked or not. ``include`` takes a
+    file back from any name rule, secrets included (an explicit choice). A pattern with ``/``
+    matches the whole relative path (``*`` crosses ``/``); without, one name in the path.
+    """
+
+    def __init__(self, exclude: Iterable[str] = (), include: Iterable[str] = ()):
+        exclude, include = list(exclude), list(include)
+        self._secret = _glob_re(SECRET_PATTERNS)
+        self._secret_dirs = frozenset(SECRET_DIRS)
+        self._template = _glob_re(SECRET_TEMPLATES)
+        self._data = _glob_re(DATA_PATTERNS)
+        self._names = _glob_re([*CACHE_PATTERNS, *(p for p in exclude if "/" not in p.strip("/"))])
+        self._paths = _glob_re([p for p in exclude if "/" in p.strip("/")])
+        self._include = _glob_re(include)
+        self._include_names = _glob_re([p for p in include if "/" not in p.strip("/")])
+        self._cache: Dict[Tuple[str, bool], bool] = {}
+
+    def _name(self, kind: str, name: str, last: bool) -> bool:
+        key = (f"{kind}:{name}", last)
+        hit = self._cache.get(key)
+        if hit is None:
+            if kind == "secret" and not last:
+                hit = name in self._secret_dirs
+            elif kind == "secret":
+                hit = (
+                    not name.endswith(".py")
+                    and bool(self._secret.match(name))
+                    and not self._template.match(name)
+                )
+            elif kind == "data":
+                hit = last and bool(self._data.match(name))
+            else:
+                hit = bool(self._names and self._names.match(name))
+            self._cache[key] = hit
+        return hit
+
+    def verdict(self, rel: str, tracked: bool) -> Optional[str]:
+        """``"secret"``, ``"data"``, ``"excluded"`` or None (kept) for the file ``rel`` of a code dir."""
+        parts = rel.split("/")
+        last = len(parts) - 1
+        if self._include and (
+            self._include.match(rel)
+            or (self._include_names and any(self._include_names.match(p) for p in parts))
+        ):
+            return None
+        if any(self._name("secret", p, i == last) for i, p in enumerate(parts)):
+            return "secret"
+        if tracked:
+            return None
+        if any(self._name("cache", p, i == last) for i, p in enumerate(parts)):
+            return "excluded"
+        if self._paths and self._paths.match(rel):
+            return "excluded"
+        if self._name("data", parts[last], True):
+            return "data"
+        return None
+
+
+def _left_out_warning(source: str, kind: str, names: List[str]) -> None:
+    names = sorted(names)
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    count = f"{len(names)} file" + ("s" if len(names) != 1 else "")
+    if kind == "secret":
+        what = "that look like secrets or keys (never shipped)"
+        fix = "keep secrets out of code dirs (environment variables, a secrets manager)"
+    else:
+        what = "untracked data or cache files"
+        fix = "commit them to git or list them in SNAPSHOT_INCLUDE to ship them"
+    warnings.warn(f"snapshot: left out {count} {what} of {source}: {shown}; {fix}", stacklevel=3)
 
 
 def _skipped(rel: str) -> bool:
@@ -336,6 +465,9 @@ def _hash_entries(entries: List[_Entry], index: Dict[str, list]) -> Tuple[int, b
         except OSError as exc:
             raise SnapshotError(f"cannot read {e.path}: {exc}") from exc
         read += len(data)
+        if _PRIVATE_KEY_RE.match(data[:256]):
+            e.kind = "x"  # a private key under an innocent name: left out, never indexed
+            continue
         e.size = len(data)
         e.digest = hashlib.sha256(data).digest()
         if kept + len(data) <= _MEMORY_BUDGET:
@@ -417,13 +549,23 @@ def _excluded_prefixes(real_source: str, store_real: str) -> Tuple[str, ...]:
     return tuple(out)
 
 
-def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = True) -> dict:
+def create(
+    code_dirs: Sequence[str],
+    store: Path,
+    include_easylaunch: bool = True,
+    exclude: Sequence[str] = (),
+    include: Sequence[str] = (),
+) -> dict:
     """Snapshot ``code_dirs`` into ``store/<sha>.tar.gz`` and describe it (JSON-able dict).
 
     Each code dir contributes its git-tracked files as they are in the working tree
     (uncommitted edits included, deleted files left out) plus the untracked files git does not
     ignore; a code dir outside git contributes all its files. ``__pycache__``, ``*.pyc`` and
-    ``.venv``/``venv``/``node_modules``/``.snapshots`` are skipped unless git tracks them. With
+    ``.venv``/``venv``/``node_modules``/``.snapshots`` are skipped unless git tracks them, and
+    so are caches, experiment outputs and data files (:data:`CACHE_PATTERNS`,
+    :data:`DATA_PATTERNS`, ``exclude``); files that look like secrets or private keys are never shipped, tracked or
+    not (:data:`SECRET_PATTERNS`, PEM/OpenSSH key contents); ``include`` patterns take files
+    back from the name rules (see :class:`Rules`). Each left-out group is one warning. With
     ``include_easylaunch`` the easylaunch package is added under ``lib/`` so the target needs
     no installed easylaunch. The store is never snapshotted, nor the log dir holding a store
     named ``.snapshots`` (``<log dir>/.snapshots``) when it lies inside a code dir. The archive is written only if no archive of that content exists::
@@ -443,6 +585,7 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
     used_names: set = set()
     store_real = os.path.realpath(store)
     max_bytes = _max_bytes()
+    rules = Rules(exclude, include)
     for d in code_dirs:
         source = os.path.abspath(os.path.expanduser(str(d)))
         if not os.path.isdir(source):
@@ -459,8 +602,13 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
         skip = _excluded_prefixes(os.path.realpath(source), store_real)
         untracked_bytes = 0
         root_items = []
+        left_out: Dict[str, List[str]] = {"secret": [], "data": [], "excluded": []}
         for rel, tracked in files:
             if skip and (rel + "/").startswith(skip):
+                continue
+            verdict = rules.verdict(rel, tracked)
+            if verdict is not None:
+                left_out[verdict].append(rel)
                 continue
             path = os.path.join(source, rel)
             if not tracked:
@@ -481,6 +629,9 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
                         "$EASYLAUNCH_SNAPSHOT_MAX_MB"
                     )
             root_items.append((f"{CODE_DIR}/{name}/{rel}", path, tracked))
+        for kind in ("secret", "data"):
+            if left_out[kind]:
+                _left_out_warning(source, kind, left_out[kind])
         if not root_items:
             warnings.warn(f"snapshot: code dir {source} has no files to ship", stacklevel=2)
         items.extend(root_items)
@@ -505,6 +656,12 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
     for attempt in range(3):
         entries = _stat_entries(items, now_ns)
         _read, changed = _hash_entries(entries, index)
+        keys = [e for e in entries if e.kind == "x"]
+        if keys and attempt == 0:
+            _left_out_warning(
+                ", ".join(r["source"] for r in roots), "secret", [os.path.basename(e.path) for e in keys]
+            )
+        entries = [e for e in entries if e.kind != "x"]
         sha = _content_id([(e.name, e.kind, e.mode, e.digest or b"") for e in entries])
         archive = store / f"{sha}.tar.gz"
         written = False
@@ -537,6 +694,17 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
             pass  # only a cache
     if include_easylaunch:
         _install_bootstrap(store)
+    total = sum(e.size for e in entries)
+    warn_bytes = _mb_env("EASYLAUNCH_SNAPSHOT_WARN_MB", DEFAULT_WARN_MB)
+    if total > warn_bytes and written:
+        biggest = sorted(entries, key=lambda e: -e.size)[:3]
+        warnings.warn(
+            f"snapshot: {total / (1 << 20):.0f} MB of code is shipped with every launch (largest: "
+            + ", ".join(f"{e.name.split('/', 2)[-1]} {e.size / (1 << 20):.1f} MB" for e in biggest)
+            + "); list data in SNAPSHOT_EXCLUDE or .gitignore and pass it as a mount instead "
+            "($EASYLAUNCH_SNAPSHOT_WARN_MB sets this threshold)",
+            stacklevel=2,
+        )
     names = {e.name for e in entries}
     for r in roots:
         prefix = r["path"] + "/"
@@ -549,7 +717,7 @@ def create(code_dirs: Sequence[str], store: Path, include_easylaunch: bool = Tru
         "roots": roots,
         "easylaunch_root": easylaunch_root,
         "files": len(entries),
-        "bytes": sum(e.size for e in entries),
+        "bytes": total,
         "written": written,
     }
 

@@ -174,6 +174,100 @@ def test_non_git_dir_and_size_limit(tmp_path, monkeypatch):
         snapshot.create([str(plain)], tmp_path / "store", include_easylaunch=False)
 
 
+PRIVATE_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+)
+
+
+def test_secrets_caches_and_data_are_left_out_of_a_non_git_dir(tmp_path):
+    plain = tmp_path / "plain"
+    write(
+        plain,
+        {
+            "m.py": "M = 1\n",
+            "notes.txt": "n\n",
+            "auth/credentials.py": "def load(): ...\n",  # code, not a secret
+            ".env.example": "TOKEN=\n",  # a template meant to be shared
+            ".env": "TOKEN=s3cr3t\n",
+            "conf/credentials.json": "{}",
+            "client_secret_123.json": "{}",
+            "id_ed25519": PRIVATE_KEY,
+            "tls/server.pem": "x",
+            ".ssh/config": "Host x\n",
+            ".aws/config": "[default]\n",
+            "keys/deploy": PRIVATE_KEY,  # an innocent name, a private key inside
+            "tools/.env/bin/python": "x",  # a virtualenv called .env
+            "wandb/run-1/log.txt": "x",
+            ".pytest_cache/v/x": "x",
+            "pkg.egg-info/PKG-INFO": "x",
+            "model.pt": "x",
+            "data/emb.npy": "x",
+        },
+    )
+    with pytest.warns(UserWarning) as caught:
+        info = snapshot.create([str(plain)], tmp_path / "store", include_easylaunch=False)
+    assert set(members(info["archive"])) == {
+        "code/plain/m.py",
+        "code/plain/notes.txt",
+        "code/plain/auth/credentials.py",
+        "code/plain/.env.example",
+    }
+    messages = [str(w.message) for w in caught]
+    secret = next(m for m in messages if "look like secrets" in m and ".env" in m)
+    assert "left out 7 files" in secret, secret  # .env, credentials, client secret, keys, .ssh, .aws
+    assert "conf/credentials.json" in secret and "s3cr3t" not in secret
+    assert any("look like secrets" in m and "deploy" in m for m in messages), messages
+    data = next(m for m in messages if "untracked data" in m)
+    assert "model.pt" in data and "data/emb.npy" in data and "SNAPSHOT_INCLUDE" in data
+    assert not any("wandb" in m or "pytest_cache" in m for m in messages)  # caches: silent
+
+    # SNAPSHOT_INCLUDE takes files back; SNAPSHOT_EXCLUDE adds patterns (names or paths)
+    info = snapshot.create(
+        [str(plain)],
+        tmp_path / "store",
+        include_easylaunch=False,
+        include=["data/*.npy", ".env"],
+        exclude=["notes.txt", "auth/*"],
+    )
+    got = set(members(info["archive"]))
+    assert {"code/plain/data/emb.npy", "code/plain/.env"} <= got
+    assert "code/plain/notes.txt" not in got and "code/plain/auth/credentials.py" not in got
+    assert "code/plain/keys/deploy" not in got  # a private key's contents are never shipped
+
+
+def test_tracked_secrets_are_left_out_tracked_data_is_kept(tmp_path):
+    repo = make_repo(tmp_path / "proj", {"a.py": "A = 1\n", ".env": "K=v\n", "w.npy": "x"})
+    write(repo, {"untracked.npy": "x", "b.py": "B = 1\n"})
+    with pytest.warns(UserWarning, match=r"left out 1 file that look like secrets.*\.env"):
+        info = snapshot.create([str(repo)], tmp_path / "store", include_easylaunch=False)
+    assert set(members(info["archive"])) == {"code/proj/a.py", "code/proj/w.npy", "code/proj/b.py"}
+
+
+def test_a_large_snapshot_is_shipped_with_a_warning_naming_its_largest_files(tmp_path, monkeypatch):
+    plain = tmp_path / "plain"
+    write(plain, {"m.py": "M = 1\n", "table.csv": "1," * 2000})
+    monkeypatch.setenv("EASYLAUNCH_SNAPSHOT_WARN_MB", "0.001")
+    with pytest.warns(UserWarning, match=r"MB of code is shipped with every launch \(largest: table.csv"):
+        info = snapshot.create([str(plain)], tmp_path / "store", include_easylaunch=False)
+    assert "code/plain/table.csv" in members(info["archive"])
+
+
+def test_rules_match_names_anywhere_and_paths_whole():
+    rules = snapshot.Rules(exclude=["scratch/*", "*.bin"], include=["assets/*.npy"])
+    assert rules.verdict("config/.env", tracked=True) == "secret"
+    assert rules.verdict("deep/.aws/credentials", tracked=False) == "secret"
+    assert rules.verdict("aws/x.py", tracked=False) is None
+    assert rules.verdict("src/credentials.py", tracked=True) is None
+    assert rules.verdict("assets/emb.npy", tracked=False) is None
+    assert rules.verdict("data/big.npy", tracked=False) == "data"
+    assert rules.verdict("data/big.npy", tracked=True) is None
+    assert rules.verdict("wandb/run-1/log.txt", tracked=False) == "excluded"
+    assert rules.verdict("scratch/a/b.py", tracked=False) == "excluded"
+    assert rules.verdict("src/scratch/b.py", tracked=False) is None  # a path pattern is anchored
+    assert rules.verdict("w/model.bin", tracked=False) == "excluded"
+    assert rules.verdict("w/model.bin", tracked=True) is None
+
+
 def test_missing_code_dir_and_duplicate_names(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         snapshot.create([str(tmp_path / "nope")], tmp_path / "store")
