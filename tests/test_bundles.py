@@ -592,3 +592,22 @@ def test_collect_rules(tmp_path, log_dir):
     assert [j.run_dir.parent for j in c] == [other / "rules"] * 2 and c[0].result() == 42
     with pytest.raises(FileNotFoundError, match="no run directories"):
         collect(tmp_path / "work")
+
+
+def test_bundle_snapshot_leaves_out_secrets_and_honours_snapshot_exclude(tmp_path, log_dir, config_file):
+    import tarfile
+
+    config_file('SNAPSHOT_EXCLUDE = ["scratch.py"]\n')
+    code = Path(code_dir(tmp_path))
+    secret = "s3" + "cr3t"  # this file's source travels in the payload: the joined value must not
+    (code / ".env").write_text(f"TOKEN={secret}\n")
+    (code / "scratch.py").write_text("S = 1\n")
+    with pytest.warns(UserWarning, match=r"left out 1 file that look like secrets.*\.env"):
+        sweep = run_sweep(nothing, [{"x": 1}], exp_name="snap", mode="sss", code_dirs_to_mount=[str(code)])
+    bundle = Path(sweep[0].manifest["backend"]["bundle"])
+    archives = [p for p in bundle.rglob("*.tar.gz")]
+    assert archives, sorted(bundle.rglob("*"))
+    names = [m.name for a in archives for m in tarfile.open(a).getmembers()]
+    assert "code/code/helpers.py" in names, names
+    assert not [n for n in names if n.endswith((".env", "scratch.py"))], names
+    assert not [p for p in bundle.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
