@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from . import __version__, records
+from . import __version__, failpoints, records
 from .config import Settings, has_secrets, redact_argv, redact_secrets, scrub_secrets
 from .gitinfo import capture_git_infos, launch_script_dir, patch_files, repo_root
 from .payload import (
@@ -171,10 +171,12 @@ class Batch:
                     run_dir = self.exp_dir / f"{stamp}_{self.batch_id}_{i:0{width}d}"
                     run_dir.mkdir()  # exclusive: fails if another launch took the name
                     made.append(run_dir)
-            except FileExistsError:
+            except BaseException as exc:  # a name taken by another launch, or Ctrl-C meanwhile
                 for d in made:
                     shutil.rmtree(d, ignore_errors=True)
-                continue
+                if isinstance(exc, FileExistsError):
+                    continue
+                raise
             break
         else:  # pragma: no cover - 20 collisions of 24 random bits
             raise RuntimeError(f"could not create unique run directories in {self.exp_dir}")
@@ -203,9 +205,19 @@ class Batch:
             RunSpec(i, d, v, self.variant_blobs[i], shown[i])
             for i, (d, v) in enumerate(zip(made, self.variants))
         ]
+        try:
+            _for_each(runs, write_run)
+            failpoints.point("batch.create_dirs")
+            records.write_same_status([r.run_dir for r in runs], status, self.exp_dir)
+        except BaseException:  # Ctrl-C, a full disk: no half-made directory stays behind
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
+            try:
+                self.exp_dir.rmdir()  # when this launch made it
+            except OSError:
+                pass
+            raise
         self.runs.extend(runs)
-        _for_each(runs, write_run)
-        records.write_same_status([r.run_dir for r in runs], status, self.exp_dir)
 
     def remove_dirs(self) -> None:
         """Undo :meth:`create_dirs` after a failed submission: no half-made state is left."""
@@ -534,14 +546,24 @@ def _for_each(runs: List[RunSpec], work: Callable[[RunSpec], None]) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    stop = threading.Event()  # a failure or a Ctrl-C: the other threads stop at their next run
+
     def chunk(part: List[RunSpec]) -> None:
         for run in part:
+            if stop.is_set():
+                return
             work(run)
 
-    with ThreadPoolExecutor(_PARALLEL_THREADS, thread_name_prefix="easylaunch-write") as pool:
+    pool = ThreadPoolExecutor(_PARALLEL_THREADS, thread_name_prefix="easylaunch-write")
+    try:
         futures = [pool.submit(chunk, rest[i::_PARALLEL_THREADS]) for i in range(_PARALLEL_THREADS)]
-    for future in futures:
-        future.result()  # the first failure, after every thread stopped
+        for future in futures:
+            future.result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True)  # no thread writes once the caller cleans up
 
 
 _JSON_SCALARS = (str, int, float, bool, type(None))

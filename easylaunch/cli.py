@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -106,6 +107,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     exp_dir = root / args.exp
     runs = find_runs(exp_dir)
+    half_made = records.half_made_runs(exp_dir, min_age=HALF_MADE_AGE)
+    if half_made:
+        print(
+            f"easylaunch: {len(half_made)} half-made run director{'y' if len(half_made) == 1 else 'ies'} "
+            f"in {exp_dir} (a launch was killed before it wrote their manifests; nothing runs there): "
+            f"remove them with `easylaunch clean {args.exp}`",
+            file=sys.stderr,
+        )
     if not runs:
         print(f"easylaunch: no runs of experiment {args.exp!r} under {root}", file=sys.stderr)
         return 1
@@ -131,6 +140,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _age(job.manifest.get("launched")),
         )
     console.print(table)
+    return 0
+
+
+#: a run directory without manifest or launch record this old (s) is half-made, not being written
+HALF_MADE_AGE = 60.0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    exp_dir = _root(args) / args.exp
+    if not exp_dir.is_dir():
+        raise FileNotFoundError(f"no experiment {args.exp!r} under {exp_dir.parent}")
+    half_made = records.half_made_runs(exp_dir, min_age=args.min_age)
+    for d in half_made:
+        print(f"{'would remove' if args.dry_run else 'removing'} {d} (half-made: no manifest)")
+        if not args.dry_run:
+            shutil.rmtree(d, ignore_errors=True)
+    if not half_made:
+        print(f"easylaunch: nothing to clean in {exp_dir}")
     return 0
 
 
@@ -346,6 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     cli_launch.register(sub)
     cli_timeline.register(sub)
     cli_gpu.register(sub)
+    p = sub.add_parser(
+        "clean", help="remove the half-made run directories of a launch that was killed while making them"
+    )
+    p.add_argument("exp")
+    p.add_argument(
+        "--min-age",
+        type=float,
+        default=HALF_MADE_AGE,
+        help=f"only directories untouched this many seconds (default {HALF_MADE_AGE:g})",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    p.set_defaults(func=cmd_clean)
     p = sub.add_parser("init", help="write a documented config file")
     p.add_argument("path", nargs="?")
     p.add_argument("--force", action="store_true")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -218,6 +219,36 @@ def is_run_dir(path: Path | str) -> bool:
         return True
     record = _launch_record_path(path)
     return record is not None and record.is_file() and (path / STATUS).is_file()
+
+
+#: a run directory's name: ``<YYYYmmdd-HHMMSS.mmm>_<batch id>_<index>``
+_RUN_NAME = re.compile(r"^\d{8}-\d{6}\.\d{3}_[0-9a-f]{6}_\d+$")
+
+
+def half_made_runs(exp_dir: Path | str, min_age: float = 0.0) -> list[Path]:
+    """Run directories a launch began and never finished: the launcher was killed (SIGKILL, a
+    lost machine) between making them and writing their manifests or launch record, so no
+    run will ever start there and :func:`is_run_dir` does not list them. Only those untouched
+    for ``min_age`` seconds (a launch still writing its runs is not half-made)::
+
+        for d in half_made_runs(log_dir / "demo", min_age=600):
+            shutil.rmtree(d)          # what `easylaunch clean demo` does
+    """
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        return []
+    now = time.time()
+    found = []
+    for d in sorted(exp_dir.iterdir()):
+        if not _RUN_NAME.match(d.name) or not d.is_dir() or is_run_dir(d):
+            continue
+        try:
+            newest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir()])
+        except OSError:
+            continue  # removed meanwhile
+        if now - newest >= min_age:
+            found.append(d)
+    return found
 
 
 def hostname() -> str:

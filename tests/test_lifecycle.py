@@ -393,3 +393,52 @@ def test_output_of_a_run_that_dies_at_once_is_kept(log_dir, tmp_path, mode):
         assert logged == [f"line {i}" for i in range(3000)], (len(logged), logged[-1:])
         shown = [line for line in proc.stdout.splitlines() if line.startswith("line ")]
         assert shown == logged, (len(shown), proc.stderr[-2000:])
+
+
+# -- item 5: Ctrl-C or a kill while the run directories are made -------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode,point",
+    [
+        ("local", "batch.create_dirs"),  # variant.json written, status.json not yet
+        ("local", "local.before_materialize"),  # launch recorded, no manifest yet
+        ("local_pool", "batch.create_dirs"),
+        ("local_pool", "local_pool.before_materialize"),
+        ("sss", "batch.create_dirs"),
+    ],
+)
+def test_ctrl_c_while_run_directories_are_made_leaves_nothing(tmp_path, log_dir, mode, point):
+    proc = launch_with_failpoint(tmp_path, point + ":interrupt", mode, 40, 2)
+    # the interpreter ends a KeyboardInterrupt by re-raising SIGINT (3.8+), else with code 1
+    assert proc.returncode in (1, -signal.SIGINT) and "KeyboardInterrupt" in proc.stderr, proc.stderr
+    exp_dir = log_dir / "killed"
+    left = sorted(p.name for p in exp_dir.iterdir() if not p.name.startswith(".")) if exp_dir.exists() else []
+    assert left == [], left
+    assert not [p for p in (exp_dir / ".batches").rglob("*") if p.is_file()] if exp_dir.exists() else True
+
+
+def test_half_made_directories_of_a_killed_launch_are_shown_and_cleaned(tmp_path, log_dir):
+    from easylaunch import cli
+
+    proc = launch_with_failpoint(tmp_path, "batch.create_dirs", "local", 6, 2)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    exp_dir = log_dir / "killed"
+    made = sorted(p for p in exp_dir.iterdir() if not p.name.startswith("."))
+    assert len(made) == 6 and all((d / "variant.json").exists() for d in made)
+    assert find_runs(exp_dir) == []  # no manifest, no launch record: no run will ever start there
+    old = time.time() - 3600
+    for d in made:  # a launch still writing its directories is left alone: make these old
+        for f in [*d.iterdir(), d]:
+            os.utime(f, (old, old))
+    ls = subprocess.run(
+        [sys.executable, "-m", "easylaunch.cli", "--log-dir", str(log_dir), "ls", "killed"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "6 half-made run directories" in ls.stderr and "easylaunch clean killed" in ls.stderr, ls.stderr
+    assert cli.main(["--log-dir", str(log_dir), "clean", "killed", "--dry-run"]) == 0
+    assert all(d.exists() for d in made)
+    assert cli.main(["--log-dir", str(log_dir), "clean", "killed"]) == 0
+    assert not any(d.exists() for d in made)
