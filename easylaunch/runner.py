@@ -25,6 +25,7 @@ Exit codes: 0 completed, 1 the function raised (a Command: its own code), 2 payl
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -45,6 +46,9 @@ SIGNAL_STATES = {
     signal.SIGINT: State.CANCELLED,
     signal.SIGUSR2: State.TIMEOUT,
 }
+
+#: errors of a log dir that cannot be written (full, over quota, read-only, failing)
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
 #: seconds a run gets to stop after a cancel (SIGTERM) or its timeout before it is killed
@@ -745,7 +749,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"easylaunch runner: {exc}", file=sys.stderr)
         records.write_status(run_dir, State.FAILED, ended=time.time(), exit_code=2, message=str(exc))
         return 2
-    return execute(run_dir, lambda: load_payload_run(payload_path, header), echo=not quiet)
+    try:
+        return execute(run_dir, lambda: load_payload_run(payload_path, header), echo=not quiet)
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        # the run's logs may be on the same full disk: say it where the starter keeps our stderr,
+        # and exit with the code the launcher-side record names
+        from .transitions import RECORDS_UNWRITABLE
+
+        try:
+            print(f"easylaunch runner: cannot write the records of {run_dir}: {exc}", file=sys.__stderr__)
+        except (OSError, ValueError, AttributeError):  # that stream is on the full disk too, or closed
+            pass
+        return RECORDS_UNWRITABLE
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .batch import Batch
 
 PathLike = Union[str, Path]
+#: the runner's exit code when it cannot write the run's records (EX_IOERR of sysexits.h)
+RECORDS_UNWRITABLE = 74
 
 
 def current(run_dir: PathLike) -> State:
@@ -52,8 +54,34 @@ def settle(run_dir: PathLike, state: State, message: str, **fields: object) -> S
     if now in TERMINAL_STATES:
         return now
     fields.setdefault("ended", time.time())
-    records.write_status(run_dir, state, message=message, **fields)
+    try:
+        records.write_status(run_dir, state, message=message, **fields)
+    except OSError as exc:  # a full or read-only log dir: the state is still the answer
+        _not_saved(run_dir, state, message, exc)
     return State(state)
+
+
+_warned_unsaved: set = set()
+
+
+def _not_saved(run_dir: PathLike, state: State, message: str, exc: OSError) -> None:
+    """Say once per kind of error (per process) that a launcher-side record could not be written."""
+    import sys
+
+    key = (exc.errno, str(Path(run_dir).parent))
+    if key in _warned_unsaved:
+        return
+    _warned_unsaved.add(key)
+    try:  # stderr may be a log file on the same full disk (the dispatcher's)
+        print(
+            f"easylaunch: cannot record {State(state).value} for {Path(run_dir).name} ({message}): "
+            f"{exc.strerror or exc}; the state is reported but not saved until {Path(run_dir).parent} "
+            "can be written again (free some space there)",
+            file=sys.stderr,
+            flush=True,
+        )
+    except OSError:
+        pass
 
 
 def exit_description(exit_code: Optional[int]) -> str:
@@ -61,6 +89,8 @@ def exit_description(exit_code: Optional[int]) -> str:
     (negative = signal, 128+N from a shell or a container = signal N)."""
     if exit_code is None:
         return "exit code unknown"
+    if exit_code == RECORDS_UNWRITABLE:
+        return f"exit code {exit_code}: it could not write the run's records (disk full or read-only?)"
     number = -exit_code if exit_code < 0 else exit_code - 128 if exit_code > 128 else 0
     if number:
         try:

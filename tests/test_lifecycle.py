@@ -442,3 +442,67 @@ def test_half_made_directories_of_a_killed_launch_are_shown_and_cleaned(tmp_path
     assert all(d.exists() for d in made)
     assert cli.main(["--log-dir", str(log_dir), "clean", "killed"]) == 0
     assert not any(d.exists() for d in made)
+
+
+# -- item 7: the log dir fills up during a sweep ------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only: skipped elsewhere), unmounted afterwards."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def sleeps_then_returns(doodad_config, variant):
+    print("started", variant["i"], flush=True)
+    time.sleep(variant["s"])
+    return variant["i"]
+
+
+def test_a_full_log_dir_keeps_state_queries_working(small_disk, capfd):
+    from easylaunch import cli, run_sweep
+
+    logs = small_disk / "logs"
+    variants = [{"i": i, "s": 2.0 if i < 2 else 0.05} for i in range(6)]
+    sweep = run_sweep(
+        sleeps_then_returns,
+        variants,
+        exp_name="full",
+        mode="local",
+        base_log_dir=str(logs),
+        max_parallel=2,
+        skip_wait=True,
+        code_dirs_to_mount=[],
+    )
+    wait_deadline = time.monotonic() + 20
+    while sweep.counts().get("RUNNING", 0) < 2 and time.monotonic() < wait_deadline:
+        time.sleep(0.05)
+    filler = small_disk / "filler"
+    with pytest.raises(OSError, match="No space left"):
+        with open(filler, "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    # the two running runs cannot write their results, the queued ones cannot start: every
+    # query still answers (nothing raises ENOSPC) and every run ends within the bound
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline and not all(s.value == "FAILED" for s in sweep.states()):
+        time.sleep(0.2)
+    assert [s.value for s in sweep.states()] == ["FAILED"] * 6
+    assert sum(sweep.counts().values()) == 6
+    assert cli.main(["--log-dir", str(logs), "ls", "full"]) == 0
+    assert cli.main(["--log-dir", str(logs), "status", sweep[0].run_dir.name]) == 0
+    err = capfd.readouterr().err
+    assert "cannot record FAILED" in err and "No space left on device" in err, err
+    # once there is room again, the next poll records what it could only report
+    filler.unlink()
+    for job in sweep:
+        assert Job.load(job.run_dir).state is State.FAILED
+        status = json.loads((job.run_dir / "status.json").read_text())
+        assert status["state"] == "FAILED" and status["message"], status
