@@ -41,7 +41,7 @@ from .runtimes import Mount, PlainRuntime, RunnerCommand, Runtime, Shell, apptai
 from .spec import TERMINAL_STATES, State
 
 if TYPE_CHECKING:
-    from .batch import Batch
+    from .batch import Batch, RunSpec
     from .job import Sweep
 
 FORMAT = 1
@@ -52,6 +52,9 @@ SUBMITTED = "submitted.txt"
 JOBS = "jobs"
 LOGS = "logs"
 STORE = ".snapshots"
+#: the runs' packs, under jobs/; at most MAX_PACKS of them whatever the number of runs
+PACKS_DIR = "runs"
+MAX_PACKS = 32
 
 
 class BundleError(ValueError):
@@ -197,33 +200,23 @@ def mark_generated(batch: Batch, bundle: Path) -> None:
     transitions.generated([run.run_dir for run in batch.runs], message, batch.exp_dir)
 
 
-def write_bundle_runs(batch: Batch, bundle: Path) -> Path:
-    """Each run's directory inside the bundle: payload.pkl, manifest.json and variant.json.
+def write_bundle_packs(batch: Batch, bundle: Path, groups: Sequence[Sequence["RunSpec"]]) -> List[str]:
+    """The runs' launch files (payload.pkl, manifest.json, variant.json, git/) in a few packs
+    (``jobs/runs/pack_NNN.tar``, at most :data:`MAX_PACKS`, mode 0600; see
+    :mod:`easylaunch.packs`): a bundle is a handful of files whatever the number of runs. Each
+    task group's runs are in one pack; on the cluster the task makes their directories from it.
+    Returns each group's pack, relative to ``jobs/``."""
+    from . import packs
 
-    The files are hard links of the local run directory's (every later write there replaces
-    the file, so the two never change each other). There is no status.json: the runner on the
-    cluster takes the run as PENDING and records every transition from there.
-    """
-    exp_dir = bundle / LOGS / batch.exp_name
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    names = (records.PAYLOAD, records.MANIFEST, records.VARIANT)
-    base = str(exp_dir)
-    link = os.link
-    for run in batch.runs:
-        src = str(run.run_dir)
-        target = os.path.join(base, run.name)
-        os.mkdir(target)
-        for name in names:
-            try:
-                link(os.path.join(src, name), os.path.join(target, name))
-            except OSError:
-                _link_or_copy(Path(src, name), Path(target, name))
-        git_src = os.path.join(src, records.GIT_DIR)
-        if os.path.isdir(git_src):  # the payload reads its diffs from these
-            os.mkdir(os.path.join(target, records.GIT_DIR))
-            for name in os.listdir(git_src):
-                _link_or_copy(Path(git_src, name), Path(target, records.GIT_DIR, name))
-    return exp_dir
+    plan = packs.plan_packs(len(groups), MAX_PACKS)
+    members: Dict[int, list] = {}
+    for group, pack in zip(groups, plan):
+        members.setdefault(pack, []).extend((run.name, run.run_dir) for run in group)
+    names = {pack: f"{PACKS_DIR}/pack_{pack:03d}.tar" for pack in members}
+    (bundle / JOBS / PACKS_DIR).mkdir(parents=True, exist_ok=True)
+    for pack, runs in members.items():  # serial: threads only add GIL hand-offs here (B5)
+        packs.write_pack(bundle / JOBS / names[pack], runs)
+    return [names[pack] for pack in plan]
 
 
 def write_file(path: Path, text: str, mode: int = 0o644) -> None:
@@ -429,6 +422,15 @@ def collect_runs(path: Path | str, base_log_dir: Optional[str] = None) -> List[C
     if not path.exists():
         raise FileNotFoundError(f"nothing to collect: {path} does not exist")
     sources = find_run_dirs(path)
+    if not sources and (path / BUNDLE_FILE).is_file():
+        # a bundle none of whose tasks ran: its runs' directories are made on the cluster
+        from .job import find_runs
+
+        info = records.read_json(path / BUNDLE_FILE, {}) or {}
+        exp_dir = Path(str(info.get("local_log_dir") or "")) / str(info.get("exp_name") or "")
+        mine = [d for d in find_runs(exp_dir) if d.name.rsplit("_", 2)[1:2] == [info.get("batch_id")]]
+        if mine:
+            return [Collected(d, d, "not started") for d in mine]
     if not sources:
         raise FileNotFoundError(
             f"no run directories (holding {records.MANIFEST}) under {path}; pass the directory "

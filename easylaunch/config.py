@@ -16,6 +16,7 @@ Local modes need no file at all::
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import runpy
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ def _words(name: str) -> list:
     return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
 
 
+@functools.lru_cache(maxsize=4096)  # a sweep asks about the same few keys once per run
 def is_secret(name: str) -> bool:
     """True for names that look like they hold credentials (never written to manifests).
 
@@ -228,23 +230,34 @@ def redact_secrets(value: Any) -> Any:
 
         redact_secrets({"lr": 0.1, "db": {"password": "x"}})  # {'lr': 0.1, 'db': {'password': '<redacted>'}}
     """
+    return _redact(value) if has_secrets(value) else value  # most variants: no copy
+
+
+def _redact(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {
-            k: (REDACTED if isinstance(k, str) and is_secret(k) else redact_secrets(v))
-            for k, v in value.items()
+            k: (REDACTED if isinstance(k, str) and is_secret(k) else _redact(v)) for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):
-        return type(value)(redact_secrets(v) for v in value)
+        return type(value)(_redact(v) for v in value)
     return value
 
 
 def has_secrets(value: Any) -> bool:
     """True when ``value`` holds a secret-looking key at any depth."""
+    if type(value) in _SCALARS:  # most of a variant: no walk, no ABC check
+        return False
     if isinstance(value, Mapping):
-        return any((isinstance(k, str) and is_secret(k)) or has_secrets(v) for k, v in value.items())
+        for k, v in value.items():
+            if (isinstance(k, str) and is_secret(k)) or (type(v) not in _SCALARS and has_secrets(v)):
+                return True
+        return False
     if isinstance(value, (list, tuple)):
         return any(has_secrets(v) for v in value)
     return False
+
+
+_SCALARS = frozenset({int, float, str, bool, type(None), bytes})
 
 
 def redact_argv(argv: list) -> list:

@@ -712,7 +712,7 @@ def load_payload_file(path: Path, header: Optional[dict] = None) -> tuple[Callab
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Command-line entry: ``python -m easylaunch.runner PAYLOAD [--wait-go] [--quiet]``."""
+    """Command-line entry: ``python -m easylaunch.runner PAYLOAD [--wait-go] [--quiet] [--from-pack PACK]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--tasks" in args:
         from .taskrunner import main as tasks_main
@@ -720,12 +720,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         return tasks_main(args)
     wait_go = "--wait-go" in args
     quiet = "--quiet" in args
+    pack: Optional[str] = None
+    wants_pack = "--from-pack" in args
+    if wants_pack:  # a bundle's run: its directory is made from the pack first
+        at = args.index("--from-pack")
+        pack = args[at + 1] if at + 1 < len(args) else None
+        args = args[:at] + args[at + 2 :]
     paths = [a for a in args if not a.startswith("--")]
-    if len(paths) != 1:
-        print("usage: python -m easylaunch.runner PAYLOAD [--wait-go] [--quiet]", file=sys.stderr)
+    if len(paths) != 1 or (wants_pack and not pack):
+        print(
+            "usage: python -m easylaunch.runner PAYLOAD [--wait-go] [--quiet] [--from-pack PACK]",
+            file=sys.stderr,
+        )
         return 2
     payload_path = Path(paths[0]).resolve()
     run_dir = payload_path.parent
+    if pack:
+        from .packs import PackError, unpack_runs
+
+        try:
+            unpack_runs(Path(pack), [run_dir])
+        except (PackError, OSError) as exc:
+            print(f"easylaunch runner: {exc}", file=sys.stderr)
+            return 2
     # imported before waiting for the go byte: cloudpickle is most of the runner's start-up
     from . import payload
 

@@ -3,7 +3,9 @@
     python -m easylaunch.runner --tasks TASKS.json --index N [--quiet]
 
 ``TASKS.json`` holds ``{"groups": [[payload, ...], ...], "max_requeue": k}``; payload paths may
-be relative to the file (bundles copied to a cluster keep working). The task imports
+be relative to the file (bundles copied to a cluster keep working). A bundle's also names each
+group's pack (``"packs"``, see :mod:`easylaunch.packs`): the task makes its runs' directories
+from it first. The task imports
 cloudpickle, activates the code snapshot and unpickles the function once, then forks one
 child per run, so a crash in one run never takes its task-mates down and every run keeps its
 own directory, state, result and cancel (a ``cancel.requested`` file stops just that run).
@@ -405,6 +407,15 @@ def main(args: List[str]) -> int:
         print(f"easylaunch runner: task index {index} out of range (0..{len(groups) - 1})", file=sys.stderr)
         return 2
     paths = [(tasks_file.parent / p).resolve() for p in groups[index]]
+    packs = tasks.get("packs")
+    if packs:  # a bundle: this task makes its runs' directories from its pack
+        from .packs import PackError, unpack_runs
+
+        try:
+            unpack_runs(tasks_file.parent / packs[index], [p.parent for p in paths])
+        except (PackError, OSError) as exc:
+            print(f"easylaunch runner: {exc}", file=sys.stderr)
+            return 2
     return run_group(
         paths,
         quiet="--quiet" in args,

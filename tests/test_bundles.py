@@ -28,6 +28,7 @@ from txlog_checks import check_complete
 
 from easylaunch import Job, JobError, State, load_experiment, records, run_sweep
 from easylaunch.bundle import BundleError, collect
+from easylaunch.packs import unpack_runs
 from easylaunch.slurm_config import SlurmConfigError
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:not in a git repository")]
@@ -174,11 +175,23 @@ def check_generated(log_dir: Path, exp: str, bundle: Path) -> list:
     assert len(sweep) == 3 and sweep.states() == [State.GENERATED] * 3
     with pytest.raises(JobError, match="GENERATED.*submit"):
         sweep[0].wait(timeout=1)
+    packs = sorted((bundle / "jobs" / "runs").glob("pack_*.tar"))
+    assert packs and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in packs)
+    import tarfile
+
+    members = {m.name for p in packs for m in tarfile.open(p).getmembers()}
     for job in sweep:
         assert stat.S_IMODE((job.run_dir / records.PAYLOAD).stat().st_mode) == 0o600
-        copy = bundle / "logs" / exp / job.run_dir.name
-        assert stat.S_IMODE((copy / records.PAYLOAD).stat().st_mode) == 0o600
-        assert not (copy / records.STATUS).exists()  # the runner takes it as PENDING
+        # the bundle holds no run directory: the task makes it from its pack, with no status
+        # (the runner takes the run as PENDING)
+        assert not (bundle / "logs" / exp / job.run_dir.name).exists()
+        name = job.run_dir.name
+        assert {
+            f"{name}/{records.PAYLOAD}",
+            f"{name}/{records.MANIFEST}",
+            f"{name}/{records.VARIANT}",
+        } <= members
+        assert f"{name}/{records.STATUS}" not in members
         assert job.manifest["backend"]["bundle"] == str(bundle)
     text = (bundle / "README.txt").read_text()
     for needle in ("rsync -a", "submit.sh", "easylaunch collect", str(bundle)):
@@ -309,7 +322,10 @@ def test_htp_bundle_runs_with_ht_helper(tmp_path, log_dir):
     assert tmp_entries() - before == set()
     jobs = check_generated(log_dir, exp, bundle)
     lines = (bundle / "jobs" / "taskfile.txt").read_text().splitlines()
-    assert lines == [f"bash jobs/run_task.sh logs/{exp}/{j.run_dir.name}/payload.pkl" for j in jobs]
+    assert lines == [
+        f"bash jobs/run_task.sh logs/{exp}/{j.run_dir.name}/payload.pkl jobs/runs/pack_{i:03d}.tar"
+        for i, j in enumerate(jobs)
+    ]
     job_script = (bundle / "jobs" / "htp.sbatch").read_text()
     for needle in (
         "#SBATCH --nodes=1",
@@ -364,6 +380,7 @@ def test_htp_with_configured_cluster_paths(tmp_path, log_dir):
     lines = (bundle / "jobs" / "taskfile.txt").read_text().splitlines()
     assert lines[0] == (
         f"bash {remote}/launch/{name}/jobs/run_task.sh {remote}/scratch/logs/{exp}/{jobs[0].run_dir.name}/payload.pkl"
+        f" {remote}/launch/{name}/jobs/runs/pack_000.tar"
     )
     assert "#SBATCH --ntasks=3" in (bundle / "jobs" / "htp.sbatch").read_text()
 
@@ -569,6 +586,13 @@ def test_collect_rules(tmp_path, log_dir):
     c = collect(bundle)
     assert [x.action for x in c.collected] == ["not started"] * 2
     assert c.states() == [State.GENERATED] * 2
+    # the tasks make their runs' directories from the packs, as on the cluster
+    tasks = json.loads((bundle / "jobs" / "tasks.json").read_text())
+    for group, pack in zip(tasks["groups"], tasks["packs"]):
+        unpack_runs(bundle / "jobs" / pack, [(bundle / "jobs" / p).resolve().parent for p in group])
+    assert all((d / records.PAYLOAD).exists() for d in copies)
+    c = collect(bundle)
+    assert [x.action for x in c.collected] == ["not started"] * 2
     # one run finished on the "cluster", the other is running
     records.write_status(copies[0], State.RUNNING, attempt=1, started=time.time())
     (copies[0] / "result.pkl").write_bytes(__import__("cloudpickle").dumps(42))
@@ -611,3 +635,76 @@ def test_bundle_snapshot_leaves_out_secrets_and_honours_snapshot_exclude(tmp_pat
     assert "code/code/helpers.py" in names, names
     assert not [n for n in names if n.endswith((".env", "scratch.py"))], names
     assert not [p for p in bundle.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_packs_round_trip_share_git_files_and_never_overwrite(tmp_path):
+    import tarfile
+
+    from easylaunch import packs
+
+    src = tmp_path / "local"
+    shared = tmp_path / "shared.diff"
+    shared.write_text("diff --git a/x b/x\n")
+    long_name = "ü-" + "d" * 120 + ".diff"  # a PAX header
+    runs = []
+    for i in range(3):
+        d = src / f"20261202-000000.000_abcdef_{i:03d}"
+        (d / "git").mkdir(parents=True)
+        for name in ("manifest.json", "variant.json", "payload.pkl"):
+            (d / name).write_bytes(f"{name} {i}".encode())
+        os.link(shared, d / "git" / "0-proj.diff")  # a batch's diffs are hard links in each run
+        (d / "git" / long_name).write_text(f"long {i}")
+        runs.append(d)
+    pack = tmp_path / "pack_000.tar"
+    assert packs.write_pack(pack, [(d.name, d) for d in runs]) == 15
+    assert stat.S_IMODE(pack.stat().st_mode) == 0o600
+    with tarfile.open(pack) as tar:  # a standard tar: `tar tf` on the cluster shows it
+        members = tar.getmembers()
+    links = [m for m in members if m.islnk()]
+    assert len(links) == 2 and all(m.linkname.endswith("_000/git/0-proj.diff") for m in links)
+    assert all(stat.S_IMODE(m.mode) == 0o600 for m in members)
+
+    cluster = tmp_path / "cluster" / "exp"
+    targets = [cluster / d.name for d in runs]
+    assert packs.unpack_runs(pack, targets[1:]) == targets[1:]  # a task makes only its own runs
+    assert not targets[0].exists()
+    for i, t in enumerate(targets[1:], 1):
+        assert (t / "payload.pkl").read_bytes() == f"payload.pkl {i}".encode()
+        assert (t / "git" / "0-proj.diff").read_text() == shared.read_text()
+        assert (t / "git" / long_name).read_text() == f"long {i}"
+        assert stat.S_IMODE((t / "payload.pkl").stat().st_mode) == 0o600
+    # a requeued task: the run has its payload (and outputs): nothing is rewritten
+    (targets[1] / "payload.pkl").write_bytes(b"checkpointed")
+    (targets[1] / "out.txt").write_text("kept")
+    assert packs.unpack_runs(pack, targets[1:2]) == []
+    assert (targets[1] / "payload.pkl").read_bytes() == b"checkpointed"
+    with pytest.raises(packs.PackError, match="holds no payload for .*_009"):
+        packs.unpack_runs(pack, [cluster / "20261202-000000.000_abcdef_009"])
+    with pytest.raises(packs.PackError, match="cannot read the bundle's pack"):
+        packs.unpack_runs(tmp_path / "missing.tar", [targets[0]])
+
+
+def test_pack_plan_is_contiguous_even_and_bounded():
+    from easylaunch import packs
+
+    assert packs.plan_packs(0) == []
+    assert packs.plan_packs(5, 3) == [0, 0, 1, 1, 2]
+    plan = packs.plan_packs(2500, 32)
+    assert plan == sorted(plan) and set(plan) == set(range(32))
+    sizes = [plan.count(p) for p in range(32)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_large_bundle_is_a_handful_of_files(log_dir, tmp_path):
+    sweep = run_sweep(
+        nothing,
+        [{"x": i} for i in range(600)],
+        exp_name="many",
+        mode="sss",
+        code_dirs_to_mount=[code_dir(tmp_path)],
+    )
+    bundle = Path(sweep[0].manifest["backend"]["bundle"])
+    files = [p for p in bundle.rglob("*") if p.is_file()]
+    assert len(files) <= 50, sorted(str(p.relative_to(bundle)) for p in files)
+    tasks = json.loads((bundle / "jobs" / "tasks.json").read_text())
+    assert len(tasks["packs"]) == len(tasks["groups"]) == 600 and len(set(tasks["packs"])) == 32

@@ -226,7 +226,8 @@ def test_sss_bundle_copies_no_secret_in_clear(log_dir, monkeypatch, tmp_path):
     )
     bundle = Path(sweep[0].manifest["backend"]["bundle"])
     files = [p for p in bundle.rglob("*") if p.is_file()]
-    assert any(p.name == "variant.json" for p in files)
+    (pack,) = [p for p in files if p.suffix == ".tar"]  # the run's variant.json travels in it
+    assert stat.S_IMODE(pack.stat().st_mode) == 0o600 and secret.encode() in pack.read_bytes()
     readable = [
         p for p in files if stat.S_IMODE(p.stat().st_mode) & 0o044 and secret.encode() in p.read_bytes()
     ]

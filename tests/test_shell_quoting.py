@@ -375,8 +375,9 @@ def run_bundle(out: dict, fakes: Fakes) -> None:
     pattern = "%j.out" if mode == "htp" else "%A_%a.out"
     assert argv == ["--parsable", f"--chdir={cluster}", f"--output={slurm_out}/{pattern}", str(job_script)]
     assert calls[0]["env"]["EASYLAUNCH_BUNDLE"] == str(cluster)
-    if settings.get("SSS_LOG_DIR"):
-        assert (logs / EXP / out["sweep"][0].run_dir.name / "payload.pkl").exists()
+    if settings.get("SSS_LOG_DIR"):  # the code is there; the tasks make the runs' directories
+        assert list((logs / ".snapshots").glob("easylaunch-*.zip"))
+        assert (logs / EXP / f".bundle-{out['sweep'][0].manifest['batch_id']}").is_file()
     if settings.get("TASKFILE_PATH_ON_BRC"):
         assert (
             Path(settings["TASKFILE_PATH_ON_BRC"]).read_text()
@@ -403,9 +404,13 @@ def run_bundle(out: dict, fakes: Fakes) -> None:
         if not settings.get("TASKFILE_PATH_ON_BRC"):
             taskfile = str(cluster / taskfile)
         assert helper["argv"] == ["-m", f"python/3.11 {HB}", "-t", taskfile]
-        payloads = sorted(c["argv"][-2] for c in pythons)
+        payloads = sorted(c["argv"][2] for c in pythons)
         assert payloads == sorted(str(logs / EXP / r.run_dir.name / "payload.pkl") for r in runs)
-        tail = [["-m", "easylaunch.runner", p, "--quiet"] for p in payloads]
+        packs = sorted({c["argv"][4] for c in pythons})
+        assert all(Path(p).is_file() and Path(p).parent == cluster / "jobs" / "runs" for p in packs), packs
+        tail = [
+            ["-m", "easylaunch.runner", c["argv"][2], "--from-pack", c["argv"][4], "--quiet"] for c in pythons
+        ]
         assert sorted(c["argv"] for c in pythons) == sorted(tail)
     else:
         (call,) = pythons

@@ -58,7 +58,7 @@ class HtpMode(BundleMode):
         for run in batch.runs:
             batch.backend[run.index] = {"taskfile_line": run.index + 1}
         batch.materialize()
-        self.finish(batch, root)
+        packs = self.finish(batch, root, [[run] for run in batch.runs])
         exp = batch.exp_name
         # one runner command per line, paths relative to the bundle (the job runs ht_helper.sh
         # from there) unless the cluster paths are configured
@@ -73,8 +73,14 @@ class HtpMode(BundleMode):
         else:
             base = f"{bundle.LOGS}/{exp}"
         payloads = [f"{base}/{r.name}/{records.PAYLOAD}" for r in batch.runs]
+        jobs = f"{cluster.bundle}/{bundle.JOBS}" if cluster.bundle else bundle.JOBS
         bundle.write_file(
-            root / bundle.JOBS / "taskfile.txt", render("htp_taskfile.txt.j2", task=task, payloads=payloads)
+            root / bundle.JOBS / "taskfile.txt",
+            render(
+                "htp_taskfile.txt.j2",
+                task=task,
+                lines=[(payload, f"{jobs}/{pack}") for payload, pack in zip(payloads, packs)],
+            ),
         )
         modules = str(opts.get("ht_helper_modules"))
         common = dict(
@@ -102,7 +108,12 @@ class HtpMode(BundleMode):
         )
         bundle.write_file(
             root / bundle.JOBS / "run_task.sh",
-            render("htp_task.sh.j2", runner=command, args=[Shell('"$PAYLOAD"'), "--quiet"], **common),
+            render(
+                "htp_task.sh.j2",
+                runner=command,
+                args=[Shell('"$PAYLOAD"'), "--from-pack", Shell('"$PACK"'), "--quiet"],
+                **common,
+            ),
             0o755,
         )
         taskfile = cluster.taskfile or f"{bundle.JOBS}/taskfile.txt"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__, bundle, records, transitions
 from ..batch import Batch
@@ -89,9 +89,11 @@ class BundleMode(Mode):
         plan.runtime = bundle.make_runtime(self.settings, batch.options, cluster)
         return root, cluster, bundle.runner_command(plan.runtime, zips)
 
-    def finish(self, batch: Batch, root: Path) -> None:
+    def finish(self, batch: Batch, root: Path, groups: Sequence[Sequence]) -> List[str]:
+        """GENERATED states here, the runs' packs in the bundle; each group's pack (see
+        :func:`easylaunch.bundle.write_bundle_packs`)."""
         bundle.mark_generated(batch, root)
-        bundle.write_bundle_runs(batch, root)
+        return bundle.write_bundle_packs(batch, root, groups)
 
     def publish(
         self,
@@ -179,15 +181,16 @@ class SssMode(BundleMode):
                     "task_runs": len(group),
                 }
         batch.materialize()
-        self.finish(batch, root)
+        packs = self.finish(batch, root, groups)
         exp = batch.exp_name
         if cluster.logs:
             paths = [[f"{cluster.logs}/{exp}/{r.name}/{records.PAYLOAD}" for r in g] for g in groups]
         else:
             paths = [[f"../{bundle.LOGS}/{exp}/{r.name}/{records.PAYLOAD}" for r in g] for g in groups]
+        # each task makes its runs' directories from its pack (relative to jobs/) before it runs
         records.atomic_write_json(
             root / bundle.JOBS / "tasks.json",
-            {"groups": paths, "max_requeue": int(opts.get("max_requeue") or 0)},
+            {"groups": paths, "packs": packs, "max_requeue": int(opts.get("max_requeue") or 0)},
         )
         limit = opts.get("max_parallel")
         directives = cfg.directives()
