@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -225,6 +226,32 @@ def test_two_launch_scripts_share_one_broker(log_dir, fake_gpus, run_script):
         for g2, s2, e2 in spans[i + 1 :]:
             if g == g2:
                 assert e <= s2 or e2 <= s
+
+
+GRANDCHILD = (
+    "import sys, time\nfrom easylaunch import gpu_fake\ngpu_fake.use(int(sys.argv[1]))\ntime.sleep(0.6)\n"
+)
+
+
+def uses_gpu_in_a_grandchild(doodad_config, variant):
+    """The GPU memory is a grandchild's (a shell starting a python), as with a trainer's workers."""
+    cmd = f"{sys.executable} -c {shlex.quote(GRANDCHILD)} {variant['mib'] * MIB}"
+    subprocess.run(["sh", "-c", cmd + "; true"], check=True)
+
+
+def test_a_grandchilds_gpu_memory_is_the_runs_and_a_strangers_is_foreign(log_dir, fake_gpus):
+    stranger = subprocess.Popen([sys.executable, "-c", GRANDCHILD.replace("0.6", "30"), str(500 * MIB)])
+    try:
+        job = run_experiment(
+            uses_gpu_in_a_grandchild, exp_name="gpu", mode="local", variant={"mib": 250}, gpus="auto"
+        )
+        assert job.wait(timeout=60) is State.COMPLETED, job.status.get("message")
+        profiles = json.loads((log_dir / ".gpu_profiles.json").read_text())["profiles"]
+        # the run's profile is its grandchild's 250 MiB, not the stranger's 500 on the same GPUs
+        assert profiles[job_type(uses_gpu_in_a_grandchild)]["peak_bytes"] == 250 * MIB
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_gpu_run_runs_a_command_on_a_gpu(log_dir, fake_gpus):
