@@ -24,10 +24,16 @@ off and the run's stderr says so once. Target-side code: Python 3.8+, standard l
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 import threading
 import time
+
+try:  # a C extension: loaded with this module (imported before local_pool forks), not per run
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None  # type: ignore[assignment]
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -240,19 +246,33 @@ class Monitor:
         self.cpu_sum = 0.0  # sum of cpu_percent over samples
         self.max_error = 0.0
         self.event = threading.Event()
-        self.thread: Optional[threading.Thread] = None
+        self.thread: Optional[Any] = None  # the lock the sampling thread holds while it lives
+        self.lock = threading.Lock()
+        self.sampling = False  # set by the thread (under lock) once it passed its first tick
         self.start_wall = time.time()
         self.start_mono = time.monotonic()
         self.start_times = os.times()
         self.off_reason: Optional[str] = None
+        self.own_cpu = 0.0
 
     def start(self) -> "Monitor":
         self.start_wall = time.time()
         self.start_mono = time.monotonic()
         self.start_times = os.times()
-        self.thread = threading.Thread(target=self._loop, name="easylaunch-monitor", daemon=True)
-        self.thread.start()
+        # a bare thread, not threading.Thread: start() would wait for it to be scheduled and a
+        # join for it to end, ~1-4 ms each in a forked child (local_pool), for runs that mostly
+        # end before their first sample
+        alive = _thread.allocate_lock()
+        alive.acquire()
+        self.thread = alive
+        _thread.start_new_thread(self._run, (alive,))
         return self
+
+    def _run(self, alive: Any) -> None:
+        try:
+            self._loop()
+        finally:
+            alive.release()
 
     def _loop(self) -> None:
         start, period, event = self.start_mono, self.period, self.event
@@ -260,6 +280,10 @@ class Monitor:
         # nothing happens before the first tick: a run shorter than one period pays nothing
         if event.wait(start + period - time.monotonic()):
             return
+        with self.lock:  # stop() waits for a thread that sampled, never for one that did not
+            if event.is_set():
+                return
+            self.sampling = True
         reader = make_reader()
         if reader is None:
             self.off_reason = "no /proc and no psutil (pip install 'easylaunch[monitor]')"
@@ -318,12 +342,15 @@ class Monitor:
                 k = next_tick(k + 1, start, period, time.monotonic())
         finally:
             out.close()
+            self.own_cpu = time.thread_time()  # this thread's CPU time: what monitoring cost
 
     def stop(self) -> Dict[str, Any]:
         """End sampling; the summary that goes into ``status.json`` under ``resources``."""
         self.event.set()
-        if self.thread is not None:
-            self.thread.join(timeout=2.0)
+        with self.lock:
+            sampling = self.sampling
+        if sampling and self.thread is not None:
+            self.thread.acquire(timeout=2.0)  # its last sample is written
         end = os.times()
         cpu_seconds = sum(end[:4]) - sum(self.start_times[:4])
         summary: Dict[str, Any] = {
@@ -335,6 +362,7 @@ class Monitor:
         if self.samples:
             summary["mean_cpu_percent"] = round(self.cpu_sum / self.samples, 1)
             summary["peak_gpu_bytes"] = self.peak_gpu
+            summary["monitor_cpu_seconds"] = round(self.own_cpu, 4)
         if self.off_reason:
             summary["off"] = self.off_reason
         return summary
@@ -342,9 +370,7 @@ class Monitor:
 
 def _max_rss() -> int:
     """Peak RSS of this process or its largest waited-for child (getrusage; 0 if unknown)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
+    if resource is None:  # pragma: no cover - not POSIX
         return 0
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return scale * max(

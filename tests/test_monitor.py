@@ -41,6 +41,7 @@ def test_peak_of_a_child_that_allocates_200mb(log_dir, mode):
     res = job.status["resources"]
     assert res["peak_rss_bytes"] >= 200 * 1024 * 1024
     assert res["samples"] >= 3
+    assert 0 < res["monitor_cpu_seconds"] < 1.0  # the sampling thread's own CPU time
     samples = read_samples(job.run_dir)
     assert len(samples) == res["samples"]
     assert max(s["nprocs"] for s in samples) >= 2  # the child was sampled with the runner

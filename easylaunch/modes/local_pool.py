@@ -95,6 +95,8 @@ def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: 
         signal.signal(sig, signal.SIG_DFL)
     running: dict = {}  # pid -> (run dir, slot)
     extra = batch.payload_extra()  # timeout, cancel_grace
+    if extra.get("monitor", runner.DEFAULT_MONITOR_PERIOD):
+        from .. import monitor  # noqa: F401 - imported once here, not by every forked run
 
     def reap_one() -> None:
         pid, status = os.wait()
