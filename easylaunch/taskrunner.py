@@ -295,7 +295,10 @@ def _await_payload(
 def _warm_up(
     paths: List[Path], master: Optional["_Master"] = None, launcher: Optional[LauncherWatch] = None
 ) -> None:
-    """Pay imports once: unpickle the first unfinished payload here, before forking runs."""
+    """Pay imports once: unpickle the first unfinished payload here, before forking runs (and
+    import the resource monitor, which every forked run starts)."""
+    from . import monitor  # noqa: F401
+
     for path in paths:
         if records.read_status(path.parent).get("state", State.PENDING) in (State.PENDING, State.RUNNING):
             if not _await_payload(path, master, launcher):
