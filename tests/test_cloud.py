@@ -516,3 +516,52 @@ def test_no_credential_in_any_script_manifest_log_tag_or_object(aws, log_dir):
     # payloads and boot scripts are private
     for path in Path(log_dir).rglob("payload.pkl"):
         assert path.stat().st_mode & 0o077 == 0
+
+
+# -- after-care: easylaunch cloud cleanup, easylaunch recover ---------------------------------
+
+
+def test_cloud_cleanup_lists_spares_busy_instances_and_terminates(aws, capsys):
+    from easylaunch import cli
+
+    job = easylaunch.run_experiment(
+        slow, exp_name="ec2-clean", mode="ec2", variant={}, sync_interval=1, skip_wait=True
+    )
+    _running(job)
+    ident = job.manifest["backend"]["instance_id"]
+    capsys.readouterr()
+    assert cli.main(["cloud", "cleanup", "ec2-clean"]) == 0  # a dry run by default
+    out = capsys.readouterr().out
+    assert f"would spare {ident}" in out and "1 of its runs unfinished here" in out and "dry run" in out
+    assert cli.main(["cloud", "cleanup", "ec2-clean", "--terminate"]) == 0
+    assert f"sparing {ident}" in capsys.readouterr().out
+    assert [i["InstanceId"] for i in aws.live_instances("ec2-clean")] == [ident]  # still working
+    assert cli.main(["cloud", "cleanup", "ec2-clean", "--terminate", "--force"]) == 0
+    assert f"terminating {ident}" in capsys.readouterr().out
+    wait_for(lambda: aws.live_instances("ec2-clean") == [], 30, "the instance to be terminated")
+    assert job.wait(60) in (State.FAILED, State.CANCELLED)
+    assert cli.main(["cloud", "cleanup", "ec2-clean"]) == 0
+    assert "no live ec2 instance made by easylaunch for 'ec2-clean'" in capsys.readouterr().out
+
+
+def test_recover_relaunches_preempted_runs_from_their_directories(aws, capsys):
+    from easylaunch import cli
+
+    job = easylaunch.run_experiment(
+        Resumable(), exp_name="ec2-recover", mode="ec2", variant={"x": 1}, sync_interval=1, skip_wait=True
+    )
+    _running(job)
+    first = job.manifest["backend"]["instance_id"]
+    aws.call(f"/interrupt?id={first}&window=20")
+    assert job.wait(90) == State.PREEMPTED  # max_recoveries=0: it waits for a recover
+    capsys.readouterr()
+    assert cli.main(["recover", "ec2-recover"]) == 0  # later, from the run directories alone
+    assert f"relaunched {job.run_dir.name} (attempt 2)" in capsys.readouterr().out
+    again = easylaunch.Job.load(job.run_dir)
+    assert again.wait(180) == State.COMPLETED, again.status
+    assert again.status["attempt"] == 2 and again.result() == "done"
+    assert json.loads((job.run_dir / "manifest.json").read_text())["backend"]["instance_id"] != first
+    progress = (job.run_dir / "progress.txt").read_text().split()
+    assert progress[:2] == ["start", "0"] and progress[2] == "start" and int(progress[3]) > 0  # resumed
+    assert cli.main(["recover", "ec2-recover"]) == 0
+    assert "no PREEMPTED run" in capsys.readouterr().out

@@ -176,7 +176,8 @@ class Provider:
         raise NotImplementedError
 
     def strays(self, exp: Optional[str], resolved: Dict[str, Any]) -> List[Dict[str, Any]]:
-        """Live instances easylaunch made (of ``exp``): ``[{"id", "name", "state", "exp", "batch"}]``."""
+        """Live instances easylaunch made (of ``exp``): ``[{"id", "name", "state", "exp", "batch",
+        "runs"}]`` (``runs``: the run names it serves, comma-separated)."""
         raise NotImplementedError
 
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:

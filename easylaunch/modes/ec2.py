@@ -316,6 +316,7 @@ class Ec2Provider(Provider):
                             "state": inst["State"]["Name"],
                             "exp": tags.get("easylaunch-exp", ""),
                             "batch": tags.get("easylaunch-batch", ""),
+                            "runs": tags.get("easylaunch-runs", ""),
                         }
                     )
         return out

@@ -1,0 +1,129 @@
+"""``easylaunch cloud cleanup [EXP]`` and ``easylaunch recover EXP``: the clouds' after-care.
+
+    easylaunch cloud cleanup                  # list the live instances easylaunch made (dry run)
+    easylaunch cloud cleanup demo --terminate # terminate those of experiment demo whose runs ended
+    easylaunch recover demo                   # relaunch demo's PREEMPTED runs on new instances
+
+Instances are found by their tags/labels (``easylaunch=1``, ``easylaunch-exp``), one listing
+call. ``--terminate`` spares an instance whose runs are still unfinished in the local log dir
+(it is working, not a stray) unless ``--force``. ``recover`` needs only the run directories:
+each PREEMPTED run goes back to PENDING and runs again (attempt+1) from the payload its
+instance last synced, a checkpoint when the function saved one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+from . import records
+from .spec import TERMINAL_STATES, State
+
+CLOUD_MODES = ("ec2", "gcp")
+
+
+def _root(args: argparse.Namespace) -> Path:
+    from .config import load_settings, log_root
+
+    return log_root(args.log_dir, load_settings())
+
+
+def _cloud_mode(name: str):
+    from .config import load_settings
+    from .modes import get_mode_class, mode_names
+    from .modes.cloud import CloudMode
+
+    if name not in mode_names():
+        raise ValueError(f"mode {name!r} is not available here (modes: {', '.join(sorted(mode_names()))})")
+    cls = get_mode_class(name)
+    if not issubclass(cls, CloudMode):
+        raise ValueError(f"mode {name!r} is not a cloud mode; use one of {', '.join(CLOUD_MODES)}")
+    return cls(load_settings())
+
+
+def unfinished_runs(root: Path, exp: str, names: List[str]) -> List[str]:
+    """Of the runs ``names`` of ``exp``, those the local log dir has and shows unfinished."""
+    out = []
+    for name in names:
+        run_dir = root / exp / name
+        if records.is_run_dir(run_dir):
+            state = records.read_status(run_dir).get("state", State.PENDING)
+            if State(state) not in TERMINAL_STATES and state != State.PREEMPTED:
+                out.append(name)
+    return out
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    mode = _cloud_mode(args.mode)
+    provider = mode.provider({"region": args.region} if args.region else {})
+    strays: List[Dict[str, Any]] = provider.strays(args.exp, {})
+    root = _root(args)
+    if not strays:
+        print(
+            f"easylaunch: no live {args.mode} instance made by easylaunch"
+            + (f" for {args.exp!r}" if args.exp else "")
+        )
+        return 0
+    doomed = []
+    for inst in strays:
+        runs = [r for r in str(inst.get("runs") or "").split(",") if r]
+        busy = unfinished_runs(root, str(inst.get("exp") or ""), runs)
+        note = f"{len(busy)} of its runs unfinished here" if busy else "its runs ended (or are unknown here)"
+        spare = bool(busy) and not args.force
+        if args.terminate:
+            action = "sparing" if spare else "terminating"
+        else:
+            action = "would spare" if spare else "would terminate"
+        print(
+            f"{action} {inst['id']} {inst.get('name', '')} ({inst.get('state')}, experiment "
+            f"{inst.get('exp') or '?'}, batch {inst.get('batch') or '?'}): {note}"
+        )
+        if not spare:
+            doomed.append(inst["id"])
+    if not args.terminate:
+        print(
+            f"dry run: pass --terminate to terminate {len(doomed)} instance(s)"
+            + (" (--force: all)" if len(doomed) < len(strays) else "")
+        )
+        return 0
+    provider.terminate(doomed, {})
+    print(f"easylaunch: terminated {len(doomed)} instance(s)")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .job import find_runs
+    from .modes.cloud import recover
+
+    exp_dir = _root(args) / args.exp
+    runs = find_runs(exp_dir)
+    if not runs:
+        raise FileNotFoundError(f"no runs of experiment {args.exp!r} under {exp_dir.parent}")
+    preempted = [d for d in runs if records.read_status(d).get("state") == State.PREEMPTED]
+    if not preempted:
+        print(f"easylaunch: no PREEMPTED run in {exp_dir}; nothing to recover")
+        return 0
+    done = recover(preempted)
+    for d in done:
+        print(f"relaunched {d.name} (attempt {int(records.read_status(d).get('attempt') or 0) + 1})")
+    if len(done) < len(preempted):
+        print(f"easylaunch: {len(preempted) - len(done)} PREEMPTED run(s) not relaunched", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("cloud", help="the cloud instances easylaunch made: cloud cleanup [EXP]")
+    csub = p.add_subparsers(dest="cloud_command", required=True)
+    c = csub.add_parser("cleanup", help="list (dry run) or --terminate the live instances easylaunch made")
+    c.add_argument("exp", nargs="?", help="only this experiment's")
+    c.add_argument("--mode", default="ec2", choices=CLOUD_MODES)
+    c.add_argument("--region", help="ec2: the region (default: config AWS_REGION)")
+    c.add_argument("--terminate", action="store_true", help="terminate them (default: only list)")
+    c.add_argument("--force", action="store_true", help="also those whose runs are unfinished here")
+    c.set_defaults(func=cmd_cleanup)
+    r = sub.add_parser("recover", help="relaunch an experiment's PREEMPTED cloud runs on new instances")
+    r.add_argument("exp")
+    r.set_defaults(func=cmd_recover)
