@@ -35,7 +35,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -419,6 +421,7 @@ class GcpSim:
         self.token = "planted-gce-" + secrets.token_urlsafe(32)
         self.next_id = int(time.time() * 1000) % 10**12
         self.base = f"http://127.0.0.1:{port}/compute/v1"
+        self.instance_storage = self.storage
 
     # -- the Compute API ---------------------------------------------------------------
     def _operation(
@@ -651,7 +654,7 @@ class GcpSim:
         attrs = {i["key"]: i.get("value", "") for i in (inst.get("metadata") or {}).get("items") or []}
         meta = MetadataServer(self._metadata(key))
         self.meta[ident] = meta
-        env = {"STORAGE_EMULATOR_HOST": self.storage, "EASYLAUNCH_METADATA_URL": meta.url}
+        env = {"STORAGE_EMULATOR_HOST": self.instance_storage, "EASYLAUNCH_METADATA_URL": meta.url}
         script = attrs.get("startup-script") or "#!/bin/bash\ntrue\n"
         self.players[ident] = InstancePlayer(ident, script, self.work_dir, env, self.runner, self.image)
         inst["status"] = "RUNNING"
@@ -670,7 +673,7 @@ class GcpSim:
                     f.write(attrs["shutdown-script"])
                 log = open(os.path.join(player.dir, "shutdown.log"), "ab")
                 env = {
-                    "STORAGE_EMULATOR_HOST": self.storage,
+                    "STORAGE_EMULATOR_HOST": self.instance_storage,
                     "EASYLAUNCH_METADATA_URL": self.meta[inst["_ident"]].url,
                 }
                 self.shutdowns[inst["_ident"]] = subprocess.Popen(
@@ -806,10 +809,64 @@ class GcpSim:
         threading.Thread(target=server.serve_forever, daemon=True, name="cloudsim-compute").start()
         return server
 
+    def serve_storage(self) -> ThreadingHTTPServer:
+        """A pass-through to the GCS emulator for the instances: gcp-storage-emulator drops the
+        connection on an empty ``uploadType=media`` upload (real GCS stores an empty object), so
+        such an upload is sent on as the equivalent ``multipart`` one."""
+        target = self.storage
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
+                }
+                path = self.path
+                parts = urllib.parse.urlsplit(path)
+                query = dict(urllib.parse.parse_qsl(parts.query))
+                if self.command == "POST" and query.get("uploadType") == "media" and not body:
+                    boundary = "cloudsim-" + secrets.token_hex(8)
+                    meta = json.dumps({"name": query.get("name", "")})
+                    body = (
+                        f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n"
+                        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n\r\n--{boundary}--\r\n"
+                    ).encode()
+                    headers["Content-Type"] = f"multipart/related; boundary={boundary}"
+                    path = parts.path + "?" + urllib.parse.urlencode({"uploadType": "multipart"})
+                req = urllib.request.Request(
+                    target + path, data=body if body else None, method=self.command, headers=headers
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=120) as resp:
+                        status, data, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+                except urllib.error.HTTPError as err:
+                    status, data, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
+                except OSError as exc:
+                    status, data, ctype = 503, str(exc).encode(), "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype or "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True, name="cloudsim-storage").start()
+        self.instance_storage = f"http://127.0.0.1:{server.server_address[1]}"
+        return server
+
     def run(self, control_port: int = 0) -> int:
         from .aws import _fixed_server
 
         server = self.serve_compute()
+        storage = self.serve_storage()
         control = (
             MetadataServer(self.control) if not control_port else _fixed_server(self.control, control_port)
         )
@@ -828,6 +885,7 @@ class GcpSim:
                 time.sleep(self.interval)
         finally:
             server.shutdown()
+            storage.shutdown()
             for player in self.players.values():
                 if player.alive():
                     player.kill()
