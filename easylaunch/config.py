@@ -142,9 +142,13 @@ KEYS: dict[str, Key] = {
     "GCP_IMAGE_NAME": Key(_S, None, "GCE image for CPU runs ('family/NAME' for an image family)"),
     "GCP_GPU_IMAGE_NAME": Key(_S, None, "GCE image for GPU runs"),
     "GCP_IMAGE_PROJECT": Key(
-        _S, None, "gcp: project of GCP_IMAGE_NAME (e.g. 'debian-cloud'; GCP_DEFAULT_KWARGS image_project wins)"
+        _S,
+        None,
+        "gcp: project of GCP_IMAGE_NAME (e.g. 'debian-cloud'; GCP_DEFAULT_KWARGS image_project wins)",
     ),
-    "GCP_BUCKET_NAME": Key(_S, None, "GCS bucket for code, payloads and outputs ('BUCKET' or 'gs://BUCKET/PREFIX')"),
+    "GCP_BUCKET_NAME": Key(
+        _S, None, "GCS bucket for code, payloads and outputs ('BUCKET' or 'gs://BUCKET/PREFIX')"
+    ),
     "GCP_DEFAULT_KWARGS": Key(
         _D,
         {},
@@ -152,7 +156,9 @@ KEYS: dict[str, Key] = {
         "provisioning_model, gpu_kwargs (gpu_model, num_gpu), disk_size_gb, service_account, network",
     ),
     "GCP_SERVICE_ACCOUNT": Key(
-        _S, "default", "gcp: the instances' service account (their only credentials: bucket + self-delete scopes)"
+        _S,
+        "default",
+        "gcp: the instances' service account (their only credentials: bucket + self-delete scopes)",
     ),
     "GCP_FILE_TYPES_TO_SAVE": Key(
         _L,
