@@ -432,3 +432,92 @@ def test_a_body_of_the_wrong_shape_is_rejected_by_the_endpoint(cloud):
     assert err.value.code == 400
     assert 'Unknown name "provisioning_model"' in json.loads(err.value.read())["error"]["message"]
     assert cloud.instances() == [] or all(i["name"] != "easylaunch-shape-0" for i in cloud.instances())
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(cloud, capsys):
+    before = len(cloud.inserts())
+    sweep = easylaunch.run_sweep(
+        function,
+        [{"learning_rate": i, "parameter": "p"} for i in range(4)],
+        exp_name="gcp-dry",
+        mode="gcp",
+        num_exps_per_instance=2,
+        dry_run=True,
+        skip_wait=True,
+    )
+    out = capsys.readouterr().out
+    assert "2 instance(s) for 4 run(s)" in out
+    assert f"project {PROJECT}, zone us-west1-a" in out and "type e2-small, spot" in out
+    assert "easylaunch.cloud_agent run" in out
+    assert sweep.states() == [State.GENERATED] * 4
+    assert len(cloud.inserts()) == before
+    assert list(cloud.objects(cloud.bucket)) == []
+
+
+def test_startup_script_over_the_metadata_limit_becomes_a_stub(cloud, monkeypatch):
+    dry = easylaunch.run_experiment(
+        function,
+        exp_name="gcp-stub",
+        mode="gcp",
+        variant={"learning_rate": 3, "parameter": "p"},
+        dry_run=True,
+        skip_wait=True,
+    )
+    full = (dry.run_dir.parent / ".batches" / dry.manifest["batch_id"] / "instance-0.boot.sh").read_bytes()
+    monkeypatch.setattr(gcp.GcpProvider, "metadata_limit", len(full) - 1)
+    job = easylaunch.run_experiment(
+        function,
+        exp_name="gcp-stub",
+        mode="gcp",
+        variant={"learning_rate": 3, "parameter": "p"},
+        sync_interval=1,
+        skip_wait=True,
+    )
+    name = job.manifest["backend"]["instance_id"]
+    (insert,) = [r for r in cloud.inserts() if r["body"]["name"] == name]
+    items = {i["key"]: i["value"] for i in insert["body"]["metadata"]["items"]}
+    assert (
+        len(items["startup-script"].encode()) < len(full)
+        and "boot script in the bucket" in items["startup-script"]
+    )
+    assert job.wait(120) == State.COMPLETED and job.result() == 6
+
+
+def test_cancel_deletes_the_instance(cloud):
+    job = easylaunch.run_experiment(
+        slow, exp_name="gcp-cancel", mode="gcp", variant={}, sync_interval=1, skip_wait=True
+    )
+
+    def synced():
+        job.fetch()
+        return (job.run_dir / "step.txt").exists()
+
+    wait_for(synced, 120, "the run to have synced step.txt")
+    assert job.cancel()
+    assert job.wait(60) == State.CANCELLED
+    wait_for(lambda: cloud.instances("gcp-cancel") == [], 30, "the instance to be deleted")
+
+
+def test_no_credential_in_any_script_metadata_log_or_object(cloud, log_dir):
+    token = cloud.call("/planted", "GET")["token"]
+    sweep = easylaunch.run_sweep(
+        function,
+        [{"learning_rate": 1, "parameter": "a"}, {"learning_rate": 2, "parameter": "b"}],
+        exp_name="gcp-secrets",
+        mode="gcp",
+        sync_interval=1,
+        skip_wait=True,
+    )
+    sweep.wait(120)
+    assert sweep.states() == [State.COMPLETED] * 2
+    texts = {str(p): p.read_bytes() for p in Path(log_dir).rglob("*") if p.is_file()}
+    for r in cloud.inserts():
+        texts[f"insert {r['body'].get('name')}"] = json.dumps(r["body"]).encode()
+    for key, data in cloud.objects(cloud.bucket).items():
+        texts[f"gs {key}"] = data
+    for inst in cloud.call("/instances", "GET")["instances"]:
+        for p in Path(inst["dir"]).rglob("*"):
+            if p.is_file() and p.suffix in (".log", ".json", ".sh", ".txt"):
+                texts[str(p)] = p.read_bytes()
+    assert len(texts) > 20
+    assert [where for where, data in texts.items() if token.encode() in data] == []
