@@ -521,3 +521,63 @@ def test_no_credential_in_any_script_metadata_log_or_object(cloud, log_dir):
                 texts[str(p)] = p.read_bytes()
     assert len(texts) > 20
     assert [where for where, data in texts.items() if token.encode() in data] == []
+
+
+def counted(doodad_config, variant):
+    """Runs `steps` steps (0.1 s each) from `resume_from`."""
+    import os
+    import time
+
+    start = variant.get("resume_from", 0)
+    with open(os.path.join(doodad_config.base_log_dir, "progress.txt"), "a") as f:
+        f.write(f"start {start}\n")
+    for step in range(start, start + variant.get("steps", 10**6)):
+        with open(os.path.join(doodad_config.base_log_dir, "step.txt"), "w") as f:
+            f.write(str(step))
+        time.sleep(0.1)
+    return "done"
+
+
+class Resumable:
+    """doodad/submitit's checkpoint hook: resume where the last step was."""
+
+    def __call__(self, doodad_config, variant):
+        return counted(doodad_config, variant)
+
+    def checkpoint(self, doodad_config, variant):
+        import os
+
+        step = int(open(os.path.join(doodad_config.base_log_dir, "step.txt")).read())
+        resumed = dict(variant, resume_from=step, steps=5)
+
+        def resume(dc, _v, _variant=resumed):
+            return counted(dc, _variant)
+
+        return resume
+
+
+def test_preempted_run_is_recovered_from_its_checkpoint(cloud):
+    job = easylaunch.run_experiment(
+        Resumable(),
+        exp_name="gcp-recover",
+        mode="gcp",
+        variant={},
+        sync_interval=1,
+        skip_wait=True,
+        max_recoveries=1,
+    )
+
+    def synced():
+        job.fetch()
+        return (job.run_dir / "step.txt").exists()
+
+    wait_for(synced, 120, "the run to have synced step.txt")
+    first = job.manifest["backend"]["instance_id"]
+    cloud.call(f"/preempt?name={first}&window=15")
+    assert job.wait(180) == State.COMPLETED, job.status
+    status = json.loads((job.run_dir / "status.json").read_text())
+    assert status["recoveries"] == 1 and "PREEMPTED" in [h[0] for h in status["history"]]
+    progress = (job.run_dir / "progress.txt").read_text().split()
+    assert progress[:2] == ["start", "0"] and progress[2] == "start" and int(progress[3]) > 0
+    second = json.loads((job.run_dir / "manifest.json").read_text())["backend"]["instance_id"]
+    assert second != first
