@@ -134,17 +134,23 @@ SSS_RUN_DOODAD_EXPERIMENT_SCRIPT_PATH = None
 # sss/htp: shell lines run before the runner
 SSS_PRE_CMDS = []
 
-# GCE image for CPU runs
+# GCE image for CPU runs ('family/NAME' for an image family)
 GCP_IMAGE_NAME = None
 
 # GCE image for GPU runs
 GCP_GPU_IMAGE_NAME = None
 
-# GCS bucket for outputs
+# gcp: project of GCP_IMAGE_NAME (e.g. 'debian-cloud'; GCP_DEFAULT_KWARGS image_project wins)
+GCP_IMAGE_PROJECT = None
+
+# GCS bucket for code, payloads and outputs ('BUCKET' or 'gs://BUCKET/PREFIX')
 GCP_BUCKET_NAME = None
 
-# zone, instance_type, image_project, terminate, preemptible, gpu_kwargs
+# project, zone, instance_type, image_name, image_project, terminate, preemptible, provisioning_model, gpu_kwargs (gpu_model, num_gpu), disk_size_gb, service_account, network
 GCP_DEFAULT_KWARGS = {}
+
+# gcp: the instances' service account (their only credentials: bucket + self-delete scopes)
+GCP_SERVICE_ACCOUNT = 'default'
 
 # doodad only; ignored: ec2/gcp sync everything a run writes (doodad's list lost files)
 GCP_FILE_TYPES_TO_SAVE = ('*.txt', '*.csv', '*.json', '*.gz', '*.tar', '*.log', '*.pkl', '*.mp4', '*.png', '*.jpg', '*.jpeg', '*.patch', '*.html')

@@ -140,11 +140,26 @@ KEYS: dict[str, Key] = {
     ),
     "SSS_PRE_CMDS": Key(_L, [], "sss/htp: shell lines run before the runner"),
     # GCP
-    "GCP_IMAGE_NAME": Key(_S, None, "GCE image for CPU runs"),
+    "GCP_IMAGE_NAME": Key(_S, None, "GCE image for CPU runs ('family/NAME' for an image family)"),
     "GCP_GPU_IMAGE_NAME": Key(_S, None, "GCE image for GPU runs"),
-    "GCP_BUCKET_NAME": Key(_S, None, "GCS bucket for outputs"),
+    "GCP_IMAGE_PROJECT": Key(
+        _S,
+        None,
+        "gcp: project of GCP_IMAGE_NAME (e.g. 'debian-cloud'; GCP_DEFAULT_KWARGS image_project wins)",
+    ),
+    "GCP_BUCKET_NAME": Key(
+        _S, None, "GCS bucket for code, payloads and outputs ('BUCKET' or 'gs://BUCKET/PREFIX')"
+    ),
     "GCP_DEFAULT_KWARGS": Key(
-        _D, {}, "zone, instance_type, image_project, terminate, preemptible, gpu_kwargs"
+        _D,
+        {},
+        "project, zone, instance_type, image_name, image_project, terminate, preemptible, "
+        "provisioning_model, gpu_kwargs (gpu_model, num_gpu), disk_size_gb, service_account, network",
+    ),
+    "GCP_SERVICE_ACCOUNT": Key(
+        _S,
+        "default",
+        "gcp: the instances' service account (their only credentials: bucket + self-delete scopes)",
     ),
     "GCP_FILE_TYPES_TO_SAVE": Key(
         _L,

@@ -28,6 +28,7 @@ _REGISTRY: Dict[str, str] = {
     "docker": "easylaunch.modes.docker:DockerAliasMode",
     "ssh": "easylaunch.modes.ssh:SshMode",
     "ec2": "easylaunch.modes.ec2:Ec2Mode",
+    "gcp": "easylaunch.modes.gcp:GcpMode",
 }
 
 
