@@ -57,7 +57,12 @@ def unfinished_runs(root: Path, exp: str, names: List[str]) -> List[str]:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     mode = _cloud_mode(args.mode)
-    provider = mode.provider({"region": args.region} if args.region else {})
+    options: Dict[str, Any] = {}
+    if args.region:
+        options["region"] = args.region
+    if args.zone:
+        options["gcp_kwargs"] = {"zone": args.zone}
+    provider = mode.provider(options)
     strays: List[Dict[str, Any]] = provider.strays(args.exp, {})
     root = _root(args)
     if not strays:
@@ -121,6 +126,7 @@ def register(sub: Any) -> None:
     c.add_argument("exp", nargs="?", help="only this experiment's")
     c.add_argument("--mode", default="ec2", choices=CLOUD_MODES)
     c.add_argument("--region", help="ec2: the region (default: config AWS_REGION)")
+    c.add_argument("--zone", help="gcp: the zone (default: GCP_DEFAULT_KWARGS['zone'], GCP_ZONE)")
     c.add_argument("--terminate", action="store_true", help="terminate them (default: only list)")
     c.add_argument("--force", action="store_true", help="also those whose runs are unfinished here")
     c.set_defaults(func=cmd_cleanup)

@@ -581,3 +581,26 @@ def test_preempted_run_is_recovered_from_its_checkpoint(cloud):
     assert progress[:2] == ["start", "0"] and progress[2] == "start" and int(progress[3]) > 0
     second = json.loads((job.run_dir / "manifest.json").read_text())["backend"]["instance_id"]
     assert second != first
+
+
+def test_cloud_cleanup_finds_gcp_instances_by_label(cloud, capsys):
+    from easylaunch import cli
+
+    job = easylaunch.run_experiment(
+        slow, exp_name="gcp-clean", mode="gcp", variant={}, sync_interval=1, skip_wait=True
+    )
+
+    def synced():
+        job.fetch()
+        return (job.run_dir / "step.txt").exists()
+
+    wait_for(synced, 120, "the run to have synced step.txt")
+    name = job.manifest["backend"]["instance_id"]
+    capsys.readouterr()
+    assert cli.main(["cloud", "cleanup", "gcp-clean", "--mode", "gcp"]) == 0
+    out = capsys.readouterr().out
+    assert f"would spare {name}" in out and "1 of its runs unfinished here" in out, out
+    assert cli.main(["cloud", "cleanup", "gcp-clean", "--mode", "gcp", "--terminate", "--force"]) == 0
+    assert f"terminating {name}" in capsys.readouterr().out
+    wait_for(lambda: cloud.instances("gcp-clean") == [], 30, "the instance to be deleted")
+    assert job.wait(60) in (State.FAILED, State.CANCELLED, State.PREEMPTED)

@@ -246,6 +246,14 @@ class GcpProvider(Provider):
             )
         return str(project)
 
+    def zone(self) -> str:
+        """``gcp_kwargs['zone']``, else config GCP_ZONE, else us-west1-a."""
+        return str(self.kw.get("zone") or self.settings.get("GCP_ZONE") or "us-west1-a")
+
+    def _place(self, resolved: Dict[str, Any]) -> Tuple[str, str]:
+        """``(project, zone)`` of a launch, or of the config when there is none (cloud cleanup)."""
+        return resolved.get("project") or self.project(), resolved.get("zone") or self.zone()
+
     # -- bucket ----------------------------------------------------------------------
     def bucket(self) -> Tuple[str, str]:
         name = self.settings.get("GCP_BUCKET_NAME")
@@ -345,7 +353,7 @@ class GcpProvider(Provider):
         opts, settings, kw = self.options, self.settings, self.kw
         project = self.project()
         self.bucket()
-        zone = str(kw.get("zone") or settings.get("GCP_ZONE") or "us-west1-a")
+        zone = self.zone()
         endpoint = self.compute_endpoint()
         from google.api_core import exceptions
 
@@ -558,12 +566,11 @@ class GcpProvider(Provider):
     def terminate(self, ids: Sequence[str], resolved: Dict[str, Any]) -> None:
         from google.api_core import exceptions
 
+        project, zone = self._place(resolved)
         for name in ids:
             self.count("delete_instance")
             try:
-                self.client("Instances").delete_unary(
-                    project=resolved["project"], zone=resolved["zone"], instance=name
-                )
+                self.client("Instances").delete_unary(project=project, zone=zone, instance=name)
             except exceptions.NotFound:
                 pass
 
@@ -572,9 +579,8 @@ class GcpProvider(Provider):
         flt = '(labels.easylaunch = "1")'
         if exp:
             flt += f' (labels.easylaunch-exp = "{label_value(exp)}")'
-        request = compute_v1.ListInstancesRequest(
-            project=resolved["project"], zone=resolved["zone"], filter=flt
-        )
+        project, zone = self._place(resolved)
+        request = compute_v1.ListInstancesRequest(project=project, zone=zone, filter=flt)
         out = []
         for inst in self.client("Instances").list(request=request):
             if str(inst.status) in ("TERMINATED",):
@@ -587,6 +593,7 @@ class GcpProvider(Provider):
                     "state": str(inst.status),
                     "exp": meta.get("easylaunch-exp", inst.labels.get("easylaunch-exp", "")),
                     "batch": meta.get("easylaunch-batch", inst.labels.get("easylaunch-batch", "")),
+                    "runs": meta.get("easylaunch-runs", ""),
                 }
             )
         return out
