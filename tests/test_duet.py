@@ -3,6 +3,7 @@ Docker and Podman (the README example, a 30% CPU A/B, failure and Ctrl-C cleanup
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from conftest import ENGINE_HOSTS, engine_client, require_service
 
 from easylaunch.duet.analyze import analyze, pair_iterations
 from easylaunch.duet.config import DuetConfigError, load_configs, parse_result_name, result_name
-from easylaunch.duet.process import COLUMNS, parse_plain, process
+from easylaunch.duet.process import COLUMNS, parse_plain, parse_renaissance, process
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:not in a git repository")]
 
@@ -97,8 +98,6 @@ def test_no_b_is_an_aa_run(tmp_path):
         ("duetbench:\n  suite: s\n  image: i\n  results: [r]\n  duets: [x]\nx:\n  A:\n    run: a\n", "`x.A.results`"),
         ("duetbench:\n  suite: s\n  image: i\n  results: [/r]\n  duets: [x]\n  duet_repetitions: -1\nx:\n  A:\n    run: a\n",
          "`x.duet_repetitions`"),
-        ("duetbench:\n  suite: s\n  sedd: 1\n  image: i\n  results: [/r]\n  duets: [x]\nx:\n  A:\n    run: a\n",
-         "`duetbench.sedd`"),
         ("duetbench:\n  suite: s\n  schedule: random\n  image: i\n  results: [/r]\n  duets: [x]\nx:\n  A:\n    run: a\n",
          "`duetbench.schedule`"),
         ("duetbench: [\n", "not valid YAML"),
@@ -112,6 +111,28 @@ def test_bad_configs_name_the_key_and_create_nothing(tmp_path, text, key):
     proc = cli(str(path), "--outdir", str(out), timeout=60)
     assert proc.returncode == 2 and key in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_unknown_key_warns_with_the_closest_name(tmp_path):
+    text = "duetbench:\n  suite: s\n  sedd: 1\n  name: t\n  image: i\n  results: [/r]\n  duets: [x]\nx:\n  A:\n    run: a\n"
+    with pytest.warns(UserWarning, match="`duetbench.sedd`.*did you mean `seed`"):
+        load_configs([write(tmp_path, text)])
+
+
+def test_renaissance_parser(tmp_path):
+    doc = {
+        "environment": {"vm": {"start_time": 1000}},
+        "data": {
+            "chi-square": {
+                "results": [{"uptime_ns": 5, "duration_ns": 10}, {"uptime_ns": 20, "duration_ns": 7}]
+            }
+        },
+    }
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    assert list(parse_renaissance(tmp_path / "r.json")) == [
+        (1000 * 10**6 + 5, 1000 * 10**6 + 15),
+        (1000 * 10**6 + 20, 1000 * 10**6 + 27),
+    ]
 
 
 def test_existing_outdir_refused(tmp_path):

@@ -17,6 +17,8 @@ TOP_KEYS = {
     "suite", "verbose", "seed", "docker_command", "remove_containers", "duet_repetitions",
     "sequential_repetitions", "schedule", "artifacts", "image", "results", "duets", "timeout",
 }  # fmt: skip
+OTHER_KEYS = {"name", "syncduet_repetitions", "run_base", "environment"}
+"""Keys duetbench configs carry that easylaunch duet accepts and ignores."""
 SCHEDULES = ("randomized_interleaving_trials",)
 
 
@@ -88,10 +90,14 @@ def parse_config(data: Any, path: Path) -> DuetConfig:
             path, "duetbench", "is missing or not a mapping", "start the file with a `duetbench:` block"
         )
     top = data["duetbench"]
-    unknown = sorted(set(top) - TOP_KEYS)
-    if unknown:
-        raise _err(
-            path, f"duetbench.{unknown[0]}", "is not a duetbench key", f"use one of {sorted(TOP_KEYS)}"
+    for key in sorted(set(top) - TOP_KEYS - OTHER_KEYS):
+        import difflib
+        import warnings
+
+        near = difflib.get_close_matches(key, sorted(TOP_KEYS), n=1)
+        hint = f"did you mean `{near[0]}`?" if near else f"known keys: {sorted(TOP_KEYS)}"
+        warnings.warn(
+            f"{path}: `duetbench.{key}` is not a key easylaunch duet uses (ignored); {hint}", stacklevel=2
         )
     suite = top.get("suite")
     if not isinstance(suite, str) or not suite or "." in suite:
