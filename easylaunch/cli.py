@@ -367,13 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="what came back: a bundle, its logs/ dir, an experiment dir or run dirs")
     p.set_defaults(func=cmd_collect)
-    from . import cli_cloud, cli_gpu, cli_launch, cli_resources, cli_timeline
+    from . import cli_cloud, cli_duet, cli_gpu, cli_launch, cli_resources, cli_timeline
 
     cli_resources.register(sub)
     cli_launch.register(sub)
     cli_timeline.register(sub)
     cli_gpu.register(sub)
     cli_cloud.register(sub)
+    cli_duet.register(sub)
     p = sub.add_parser(
         "clean", help="remove the half-made run directories of a launch that was killed while making them"
     )
