@@ -148,13 +148,27 @@ def cmd_analyze(argv: Sequence[str]) -> int:
     return 0
 
 
+#: what `easylaunch duet` needs beyond easylaunch itself (the ``duet`` extra)
+DUET_NEEDS = {"yaml": "pyyaml", "scipy": "scipy", "pandas": "pandas", "docker": "docker"}
+
+
 def cmd_duet(args: argparse.Namespace) -> int:
     rest = list(args.duet_args)
-    if rest and rest[0] == "process":
-        return cmd_process(rest[1:])
-    if rest and rest[0] == "analyze":
-        return cmd_analyze(rest[1:])
-    return cmd_run(rest)
+    try:
+        if rest and rest[0] == "process":
+            return cmd_process(rest[1:])
+        if rest and rest[0] == "analyze":
+            return cmd_analyze(rest[1:])
+        return cmd_run(rest)
+    except ModuleNotFoundError as exc:
+        if exc.name not in DUET_NEEDS:
+            raise
+        print(
+            f"easylaunch duet needs {DUET_NEEDS[exc.name]}, which is not installed: "
+            "pip install 'easylaunch[duet]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:

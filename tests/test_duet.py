@@ -363,3 +363,14 @@ def test_ctrl_c_removes_containers(tmp_path, engine):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert left(engine, suite) == []
+
+
+def test_without_the_duet_extra_the_cli_says_what_to_install(monkeypatch, tmp_path, capsys):
+    from easylaunch import cli
+
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if pyyaml were not installed
+    config = tmp_path / "c.yml"
+    config.write_text("duetbench: {}\n")
+    assert cli.main(["duet", str(config), "--outdir", str(tmp_path / "out")]) == 2
+    assert "pip install 'easylaunch[duet]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
