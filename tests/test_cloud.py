@@ -552,13 +552,19 @@ def test_recover_relaunches_preempted_runs_from_their_directories(aws, capsys):
     )
     _running(job)
     first = job.manifest["backend"]["instance_id"]
-    aws.call(f"/interrupt?id={first}&window=20")
-    assert job.wait(90) == State.PREEMPTED  # max_recoveries=0: it waits for a recover
+    aws.call(f"/interrupt?id={first}&window=30")
+    assert job.wait(120) == State.PREEMPTED  # max_recoveries=0: it waits for a recover
+
+    def checkpointed():
+        job.fetch()
+        return (job.run_dir / "payload.attempt1.pkl").exists()
+
+    wait_for(checkpointed, 60, "the checkpoint the instance synced in its notice window")
     capsys.readouterr()
     assert cli.main(["recover", "ec2-recover"]) == 0  # later, from the run directories alone
     assert f"relaunched {job.run_dir.name} (attempt 2)" in capsys.readouterr().out
     again = easylaunch.Job.load(job.run_dir)
-    assert again.wait(180) == State.COMPLETED, again.status
+    assert again.wait(240) == State.COMPLETED, again.status
     assert again.status["attempt"] == 2 and again.result() == "done"
     assert json.loads((job.run_dir / "manifest.json").read_text())["backend"]["instance_id"] != first
     progress = (job.run_dir / "progress.txt").read_text().split()

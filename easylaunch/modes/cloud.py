@@ -478,9 +478,21 @@ class CloudMode(Mode):
             if created:
                 try:
                     provider.terminate(created, plan.resolved)
+                    # an instance that booted may still write (its state object): wait until
+                    # it is gone, then take what it wrote too
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline:
+                        states = provider.describe(created, plan.resolved)
+                        if all(v in GONE for v in states.values()):
+                            break
+                        time.sleep(1)
+                    prefixes = [common["batch_key"] + "/"]
+                    prefixes += [f"{common['exp_key']}/{run.name}/" for run in batch.runs]
+                    for prefix in prefixes:
+                        put_keys.extend(provider.list(prefix))
                 except Exception:
                     pass
-            for key in put_keys:
+            for key in dict.fromkeys(put_keys):
                 try:
                     provider.delete(key)
                 except Exception:
