@@ -120,19 +120,46 @@ def test_unknown_key_warns_with_the_closest_name(tmp_path):
 
 
 def test_renaissance_parser(tmp_path):
+    # the shape Renaissance's harness writes (ResultWriter.scala, format_version 5): the JVM's
+    # start in environment.vm.start_unix_ms, per iteration uptime_ns (since that start) and
+    # duration_ns, among other metrics
     doc = {
-        "environment": {"vm": {"start_time": 1000}},
+        "format_version": 5,
+        "benchmarks": ["chi-square"],
+        "environment": {
+            "os": {"name": "Linux", "arch": "amd64", "available_processors": 2},
+            "vm": {
+                "name": "OpenJDK 64-Bit Server VM",
+                "start_unix_ms": 1000,
+                "start_iso": "x",
+                "uptime_ms": 9,
+            },
+            "jre": {"name": "OpenJDK Runtime Environment"},
+        },
+        "suite": {"name": "Renaissance Benchmark Suite", "version": "0.15.0"},
         "data": {
             "chi-square": {
-                "results": [{"uptime_ns": 5, "duration_ns": 10}, {"uptime_ns": 20, "duration_ns": 7}]
+                "results": [
+                    {"duration_ns": 10, "uptime_ns": 5, "cpu_time_ns": 3},
+                    {"duration_ns": 7, "uptime_ns": 20},
+                ],
+                "termination": "normal",
             }
         },
     }
     (tmp_path / "r.json").write_text(json.dumps(doc))
-    assert list(parse_renaissance(tmp_path / "r.json")) == [
-        (1000 * 10**6 + 5, 1000 * 10**6 + 15),
-        (1000 * 10**6 + 20, 1000 * 10**6 + 27),
-    ]
+    expected = [(1000 * 10**6 + 5, 1000 * 10**6 + 15), (1000 * 10**6 + 20, 1000 * 10**6 + 27)]
+    assert list(parse_renaissance(tmp_path / "r.json")) == expected
+    # its --csv output: metric columns in name order, then vm_start_unix_ms
+    (tmp_path / "r.csv").write_text(
+        "benchmark,duration_ns,uptime_ns,vm_start_unix_ms\nchi-square,10,5,1000\nchi-square,7,20,1000\n"
+    )
+    assert list(parse_renaissance(tmp_path / "r.csv")) == expected
+    # without the JVM's start the iterations cannot be placed in time: a clear error, not 0
+    del doc["environment"]["vm"]["start_unix_ms"]
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="start_unix_ms"):
+        list(parse_renaissance(tmp_path / "r.json"))
 
 
 def test_existing_outdir_refused(tmp_path):

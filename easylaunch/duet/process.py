@@ -43,11 +43,37 @@ def parse_plain(path: Path) -> Iterable[tuple[int, int]]:
 
 
 def parse_renaissance(path: Path) -> Iterable[tuple[int, int]]:
-    """Renaissance's ``--json`` results: data.<bench>.results[] with uptime_ns, duration_ns and the
-    environment's vm start (``environment.vm.start_time`` epoch ms, fallback 0)."""
+    """Renaissance's results, as its harness writes them (``ResultWriter.scala``):
+
+    - ``--json``: ``environment.vm.start_unix_ms`` (the JVM's start, epoch ms) and, per
+      benchmark, ``data.<bench>.results[]`` with ``uptime_ns`` (iteration start since the JVM's
+      start) and ``duration_ns``;
+    - ``--csv`` (a ``.csv`` file): the columns ``duration_ns``, ``uptime_ns`` and
+      ``vm_start_unix_ms``, one row per iteration.
+
+    Start = vm start + uptime, end = start + duration (as duetprocess computes them).
+    """
+    if path.suffix == ".csv":
+        import csv
+
+        with open(path, newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                try:
+                    start = int(row["vm_start_unix_ms"]) * 1_000_000 + int(row["uptime_ns"])
+                    yield start, start + int(row["duration_ns"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"{path}:{n}: not a Renaissance --csv row (needs duration_ns, uptime_ns and "
+                        f"vm_start_unix_ms): {exc}"
+                    ) from None
+        return
     doc = json.loads(path.read_text())
-    env = doc.get("environment", {})
-    vm_start_ms = (env.get("vm") or {}).get("start_time") or env.get("vm_start_unix_ms") or 0
+    vm_start_ms = ((doc.get("environment") or {}).get("vm") or {}).get("start_unix_ms")
+    if vm_start_ms is None:
+        raise ValueError(
+            f"{path}: no environment.vm.start_unix_ms: not Renaissance --json output (iterations "
+            "cannot be placed in time without the JVM's start)"
+        )
     for bench in (doc.get("data") or {}).values():
         for r in bench.get("results", []):
             start = int(vm_start_ms) * 1_000_000 + int(r["uptime_ns"])
