@@ -123,31 +123,12 @@ def run_duets(
                     for t in threads:
                         while t.is_alive():
                             t.join(0.2)
-                    for s in "AB":
-                        code, text = results[s]
-                        if code != 0:
-                            raise DuetRunError(f"{cfg.suite}.{duet.name} run {runid} side {s} failed (exit {code}) "
-                                               f"running {sides[s][1].run!r}: {text.strip()[-400:]}")  # fmt: skip
-                        for p in sides[s][1].results:
-                            _copy_out(
-                                sides[s][0],
-                                p,
-                                out / result_name(cfg.suite, duet.name, runid, "duet", order, s, "")[:-1],
-                            )
+                    _collect(cfg, duet, sides, results, runid, "duet", order, out)
                 for runid in range(duet.sequential_repetitions):
-                    for s in "AB":
+                    for s in "AB":  # A alone, then B alone
                         results = {}
                         _exec(sides[s][0], sides[s][1].run, results, s)
-                        code, text = results[s]
-                        if code != 0:
-                            raise DuetRunError(f"{cfg.suite}.{duet.name} seq run {runid} side {s} failed (exit {code}) "
-                                               f"running {sides[s][1].run!r}: {text.strip()[-400:]}")  # fmt: skip
-                        for p in sides[s][1].results:
-                            _copy_out(
-                                sides[s][0],
-                                p,
-                                out / result_name(cfg.suite, duet.name, runid, "seq", "AB", s, "")[:-1],
-                            )
+                        _collect(cfg, duet, sides, results, runid, "seq", "AB", out)
                 if cfg.remove_containers:
                     _remove([ca, cb])
                     created = [c for c in created if c not in (ca, cb)]
@@ -158,6 +139,19 @@ def run_duets(
         finally:
             client.close()
     return out
+
+
+def _collect(cfg, duet, sides: dict, results: dict, runid: int, kind: str, order: str, out: Path) -> None:
+    """Check the sides that ran (``results``: side -> (exit code, output)) and copy their
+    result paths out of their containers, named as duetbench names them."""
+    for s in sorted(results):
+        code, text = results[s]
+        container, side = sides[s]
+        if code != 0:
+            raise DuetRunError(f"{cfg.suite}.{duet.name} {kind} run {runid} side {s} failed (exit {code}) "
+                               f"running {side.run!r}: {text.strip()[-400:]}")  # fmt: skip
+        for p in side.results:
+            _copy_out(container, p, out / result_name(cfg.suite, duet.name, runid, kind, order, s, "")[:-1])
 
 
 def _remove(containers) -> None:
