@@ -13,9 +13,11 @@ sample (``cpu_percent``), disk bytes read and written (``read_bytes``, ``write_b
 number of processes (``nprocs``) and the GPU memory its processes use (``gpu_bytes``, through
 NVML where ``nvidia-ml-py`` is installed, or :mod:`easylaunch.gpu_fake`'s injected usage).
 
-A run shorter than one period takes no sample: the thread only waits, and :meth:`stop` adds
-what two system calls give (CPU seconds of the run and its waited-for children, peak RSS of
-the largest process).
+A run shorter than one period takes no sample, and :meth:`Monitor.stop` adds what two system
+calls give (CPU seconds of the run and its waited-for children, peak RSS of the largest
+process). A run samples itself with a thread (:class:`Monitor`), unless a forking supervisor
+(local_pool's, the Slurm task runner) samples all its children with one thread of its own
+(:class:`Hub`): the run then starts no thread at all (:func:`start` picks).
 
 Where it reads: ``/proc`` on Linux (standard library only, a few small files per process),
 else psutil when installed (``pip install easylaunch[monitor]``); with neither, monitoring is
@@ -223,6 +225,122 @@ def next_tick(k: int, start: float, period: float, now: float) -> int:
     return max(k, late)
 
 
+class _Series:
+    """The samples of one process tree: its schedule, its running peaks and its ``resources.csv``.
+
+    ``cpu0``: the tree's CPU seconds at ``start`` (what the first sample's percent is measured
+    from). Used by :class:`Monitor` (one series, its own thread) and :class:`Hub` (many).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        period: float,
+        root: int,
+        exclude: Set[int],
+        start_mono: float,
+        start_wall: float,
+        cpu0: float,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.period = period
+        self.root = root
+        self.exclude = exclude
+        self.start = start_mono
+        self.start_wall = start_wall
+        self.cpu0 = cpu0
+        self.k = 1
+        self.prev: Optional[Tuple[float, float]] = None
+        self.samples = 0
+        self.peak_rss = 0
+        self.peak_gpu = 0
+        self.cpu_sum = 0.0  # sum of cpu_percent over samples
+        self.max_error = 0.0
+        self.out: Optional[Any] = None
+
+    def due(self) -> float:
+        return self.start + self.k * self.period
+
+    def take(self, reader: Any, gpu: Optional[Callable[[List[int]], int]]) -> None:
+        """Take the sample that is due (call at or after :meth:`due`), append it, schedule the next."""
+        now = time.monotonic()
+        due = self.due()
+        try:
+            pids = reader.tree(self.root, self.exclude)
+            rss, cpu, read, write, seen = reader.sample(pids)
+            gpu_bytes = gpu(seen) if gpu is not None else 0
+        except Exception:  # a process tree changes under us: skip that tick
+            self.k = next_tick(self.k + 1, self.start, self.period, time.monotonic())
+            return
+        taken = time.monotonic()
+        if self.prev is not None and taken > self.prev[0]:
+            percent = max(0.0, (cpu - self.prev[1]) / (taken - self.prev[0]) * 100.0)
+        else:
+            percent = max(0.0, (cpu - self.cpu0) / max(taken - self.start, 1e-9) * 100.0)
+        self.prev = (taken, cpu)
+        self.samples += 1
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_gpu = max(self.peak_gpu, gpu_bytes)
+        self.cpu_sum += percent
+        self.max_error = max(self.max_error, now - due)
+        if self.out is None:
+            path = self.run_dir / CSV_NAME
+            new = not path.exists()
+            self.out = open(path, "a", buffering=1)
+            if new:
+                self.out.write(",".join(COLUMNS) + "\n")
+        self.out.write(
+            "%.4f,%.4f,%.3f,%d,%.1f,%d,%d,%d,%d\n"
+            % (
+                now - self.start,
+                due - self.start,
+                self.start_wall + (now - self.start),
+                rss,
+                percent,
+                read,
+                write,
+                len(seen),
+                gpu_bytes,
+            )
+        )
+        self.k = next_tick(self.k + 1, self.start, self.period, time.monotonic())
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+
+
+def _tree_cpu_now() -> float:
+    """CPU seconds of this process and its waited-for children (what a series starts from)."""
+    t = os.times()
+    return t[0] + t[1] + t[2] + t[3]
+
+
+def _summary(
+    period: float, start_times: Any, samples: int, peak_rss: int, cpu_sum: float, peak_gpu: int
+) -> Dict[str, Any]:
+    end = os.times()
+    cpu_seconds = sum(end[:4]) - sum(start_times[:4])
+    summary: Dict[str, Any] = {
+        "samples": samples,
+        "period": period,
+        "cpu_seconds": round(max(0.0, cpu_seconds), 3),
+        "peak_rss_bytes": max(peak_rss, _max_rss()),
+    }
+    if samples:
+        summary["mean_cpu_percent"] = round(cpu_sum / samples, 1)
+        summary["peak_gpu_bytes"] = peak_gpu
+    return summary
+
+
+def _monitoring_off(reason: str) -> None:
+    print(f"easylaunch: resource monitoring is off: {reason}", file=sys.stderr, flush=True)
+
+
+OFF_REASON = "no /proc and no psutil (pip install 'easylaunch[monitor]')"
+
+
 class Monitor:
     """Samples the process tree under ``root`` (default: this process) every ``period`` s.
 
@@ -240,28 +358,39 @@ class Monitor:
         self.period = float(period)
         self.root = root or os.getpid()
         self.exclude: Set[int] = set(exclude)
-        self.samples = 0
-        self.peak_rss = 0
-        self.peak_gpu = 0
-        self.cpu_sum = 0.0  # sum of cpu_percent over samples
-        self.max_error = 0.0
+        self.series: Optional[_Series] = None
         self.event = threading.Event()
         self.thread: Optional[Any] = None  # the lock the sampling thread holds while it lives
         self.lock = threading.Lock()
         self.sampling = False  # set by the thread (under lock) once it passed its first tick
-        self.start_wall = time.time()
         self.start_mono = time.monotonic()
         self.start_times = os.times()
         self.off_reason: Optional[str] = None
         self.own_cpu = 0.0
 
+    @property
+    def samples(self) -> int:
+        return self.series.samples if self.series is not None else 0
+
+    @property
+    def max_error(self) -> float:
+        return self.series.max_error if self.series is not None else 0.0
+
     def start(self) -> "Monitor":
-        self.start_wall = time.time()
         self.start_mono = time.monotonic()
         self.start_times = os.times()
+        self.series = _Series(
+            self.run_dir,
+            self.period,
+            self.root,
+            self.exclude,
+            self.start_mono,
+            time.time(),
+            sum(self.start_times[:4]),
+        )
         # a bare thread, not threading.Thread: start() would wait for it to be scheduled and a
-        # join for it to end, ~1-4 ms each in a forked child (local_pool), for runs that mostly
-        # end before their first sample
+        # join for it to end, ~1-4 ms each in a forked child, for runs that mostly end before
+        # their first sample (forking supervisors sample their children through a Hub instead)
         alive = _thread.allocate_lock()
         alive.acquire()
         self.thread = alive
@@ -275,10 +404,10 @@ class Monitor:
             alive.release()
 
     def _loop(self) -> None:
-        start, period, event = self.start_mono, self.period, self.event
-        k = 1
+        series, event = self.series, self.event
+        assert series is not None
         # nothing happens before the first tick: a run shorter than one period pays nothing
-        if event.wait(start + period - time.monotonic()):
+        if event.wait(series.due() - time.monotonic()):
             return
         with self.lock:  # stop() waits for a thread that sampled, never for one that did not
             if event.is_set():
@@ -286,62 +415,18 @@ class Monitor:
             self.sampling = True
         reader = make_reader()
         if reader is None:
-            self.off_reason = "no /proc and no psutil (pip install 'easylaunch[monitor]')"
-            print(f"easylaunch: resource monitoring is off: {self.off_reason}", file=sys.stderr, flush=True)
+            self.off_reason = OFF_REASON
+            _monitoring_off(self.off_reason)
             return
         gpu = gpu_source()
-        path = self.run_dir / CSV_NAME
-        new = not path.exists()
-        out = open(path, "a", buffering=1)
         try:
-            if new:
-                out.write(",".join(COLUMNS) + "\n")
-            prev: Optional[Tuple[float, float]] = None
             while True:
-                now = time.monotonic()
-                due = start + k * period
-                if now < due:
-                    if event.wait(due - now):
-                        return
-                    now = time.monotonic()
-                try:
-                    pids = reader.tree(self.root, self.exclude)
-                    rss, cpu, read, write, seen = reader.sample(pids)
-                    gpu_bytes = gpu(seen) if gpu is not None else 0
-                except Exception:  # a process tree changes under us: skip that tick
-                    k = next_tick(k + 1, start, period, time.monotonic())
-                    continue
-                taken = time.monotonic()
-                percent = 0.0
-                if prev is not None and taken > prev[0]:
-                    percent = max(0.0, (cpu - prev[1]) / (taken - prev[0]) * 100.0)
-                elif prev is None:
-                    own = os.times()
-                    used = (own[0] + own[1] + own[2] + own[3]) - sum(self.start_times[:4])
-                    percent = max(0.0, used / max(taken - start, 1e-9) * 100.0)
-                prev = (taken, cpu)
-                self.samples += 1
-                self.peak_rss = max(self.peak_rss, rss)
-                self.peak_gpu = max(self.peak_gpu, gpu_bytes)
-                self.cpu_sum += percent
-                self.max_error = max(self.max_error, now - due)
-                out.write(
-                    "%.4f,%.4f,%.3f,%d,%.1f,%d,%d,%d,%d\n"
-                    % (
-                        now - start,
-                        due - start,
-                        self.start_wall + (now - start),
-                        rss,
-                        percent,
-                        read,
-                        write,
-                        len(seen),
-                        gpu_bytes,
-                    )
-                )
-                k = next_tick(k + 1, start, period, time.monotonic())
+                wait = series.due() - time.monotonic()
+                if wait > 0 and event.wait(wait):
+                    return
+                series.take(reader, gpu)
         finally:
-            out.close()
+            series.close()
             self.own_cpu = time.thread_time()  # this thread's CPU time: what monitoring cost
 
     def stop(self) -> Dict[str, Any]:
@@ -351,21 +436,203 @@ class Monitor:
             sampling = self.sampling
         if sampling and self.thread is not None:
             self.thread.acquire(timeout=2.0)  # its last sample is written
-        end = os.times()
-        cpu_seconds = sum(end[:4]) - sum(self.start_times[:4])
-        summary: Dict[str, Any] = {
-            "samples": self.samples,
-            "period": self.period,
-            "cpu_seconds": round(max(0.0, cpu_seconds), 3),
-            "peak_rss_bytes": max(self.peak_rss, _max_rss()),
-        }
-        if self.samples:
-            summary["mean_cpu_percent"] = round(self.cpu_sum / self.samples, 1)
-            summary["peak_gpu_bytes"] = self.peak_gpu
+        s = self.series
+        summary = _summary(
+            self.period,
+            self.start_times,
+            s.samples if s else 0,
+            s.peak_rss if s else 0,
+            s.cpu_sum if s else 0.0,
+            s.peak_gpu if s else 0,
+        )
+        if s is not None and s.samples:
             summary["monitor_cpu_seconds"] = round(self.own_cpu, 4)
         if self.off_reason:
             summary["off"] = self.off_reason
         return summary
+
+
+# -- forking supervisors: one sampling thread for all their children --------------------------
+
+#: in a child forked by a supervisor that has a :class:`Hub`: the hub's pipe (see :func:`start`)
+_hub_fd: Optional[int] = None
+
+
+class Hub:
+    """One sampling thread in a forking supervisor (local_pool's, the Slurm task runner) that
+    samples every forked run's process tree, so that a run creates no thread of its own::
+
+        hub = Hub()                 # in the supervisor, before its first fork
+        pid = os.fork()
+        if pid == 0:
+            hub.adopt()             # in the child: start() below registers with the hub
+            ...                     # the runner: monitor.start(run_dir, period)
+        ...
+        hub.forget(pid)             # in the supervisor, once the child is reaped
+
+    A run tells the hub when it starts and stops through a pipe (one small write each, atomic
+    below PIPE_BUF); the hub samples it on the run's own drift-free schedule and appends to its
+    ``resources.csv`` under a lock on the run directory, which the run takes too when it
+    stops and reads its samples back: the summary counts exactly the samples in the file.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        # a full pipe (the hub gone) must never block a run: it then monitors itself
+        os.set_blocking(self.write_fd, False)
+        self.series: Dict[int, _Series] = {}
+        self.buffer = b""
+        self.reader: Any = None
+        self.gpu: Optional[Callable[[List[int]], int]] = None
+        threading.Thread(target=self._run, name="easylaunch-monitor-hub", daemon=True).start()
+
+    def adopt(self) -> None:
+        """In a forked child: runs started here register with this hub (no thread of their own)."""
+        global _hub_fd
+        os.close(self.read_fd)
+        _hub_fd = self.write_fd
+
+    def forget(self, pid: int) -> None:
+        """The child ``pid`` was reaped: no more samples of it."""
+        try:
+            os.write(self.write_fd, b"end %d\n" % pid)
+        except OSError:  # the hub is behind; the run's own stop message ended its samples
+            pass
+
+    def _run(self) -> None:
+        import select
+        import signal
+
+        # signals go to the supervisor's main thread, whose waits they must interrupt
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        while True:
+            due = min((s.due() for s in self.series.values()), default=None)
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            if select.select([self.read_fd], [], [], timeout)[0]:
+                self._messages(os.read(self.read_fd, 65536))
+            now = time.monotonic()
+            for pid, series in list(self.series.items()):
+                if series.due() <= now:
+                    try:
+                        self._take(pid, series)
+                    except Exception:  # its run dir gone, a full disk: that run's samples end
+                        self.series.pop(pid, None)
+                        series.close()
+
+    def _messages(self, data: bytes) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            kind, _, rest = line.partition(b" ")
+            if kind == b"start":
+                pid, period, cpu0, mono, wall, excl, run_dir = rest.split(b" ", 6)
+                exclude = {int(x) for x in excl.split(b",") if x != b"-"}
+                self.series[int(pid)] = _Series(
+                    Path(os.fsdecode(run_dir)),
+                    float(period),
+                    int(pid),
+                    exclude,
+                    float(mono),  # CLOCK_MONOTONIC is the same in every process
+                    float(wall),
+                    float(cpu0),
+                )
+            elif kind in (b"stop", b"end"):
+                series = self.series.pop(int(rest), None)
+                if series is not None:
+                    series.close()
+
+    def _take(self, pid: int, series: _Series) -> None:
+        import fcntl
+        import select
+
+        if self.reader is None:
+            self.reader = make_reader()
+            if self.reader is None:
+                _monitoring_off(OFF_REASON)
+                self.reader = False
+            else:
+                self.gpu = gpu_source()
+        if self.reader is False:
+            self.series.clear()
+            return
+        try:
+            lock = os.open(series.run_dir, os.O_RDONLY)
+        except OSError:
+            self.series.pop(pid, None)
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            # a stop written before we took the lock is read now: no sample after it
+            while select.select([self.read_fd], [], [], 0)[0]:
+                self._messages(os.read(self.read_fd, 65536))
+            if self.series.get(pid) is series:
+                series.take(self.reader, self.gpu)
+        finally:
+            os.close(lock)
+
+
+class _HubClient:
+    """The run's side of a :class:`Hub`: what :class:`Monitor` is, without a thread."""
+
+    def __init__(self, fd: int, run_dir: Path, period: float, exclude: Iterable[int]) -> None:
+        self.fd = fd
+        self.run_dir = Path(run_dir)
+        self.period = float(period)
+        self.start_times = os.times()
+        self.start_mono = time.monotonic()
+        try:
+            self.offset = os.stat(self.run_dir / CSV_NAME).st_size  # an earlier attempt's samples
+        except OSError:
+            self.offset = 0
+        path = os.fsencode(str(self.run_dir.resolve()))
+        head = "start %d %r %r %r %r %s " % (
+            os.getpid(),
+            self.period,
+            sum(self.start_times[:4]),
+            self.start_mono,
+            time.time(),
+            ",".join(str(p) for p in exclude) or "-",
+        )
+        msg = head.encode() + path + b"\n"
+        if len(msg) > 4096 or b"\n" in path:  # not one atomic write, or not one line
+            raise ValueError(f"cannot register {self.run_dir} with the monitor hub")
+        os.write(fd, msg)
+
+    def stop(self) -> Dict[str, Any]:
+        import fcntl
+
+        try:
+            os.write(self.fd, b"stop %d\n" % os.getpid())
+        except OSError:  # the hub is gone or behind: it stops at the reap
+            pass
+        rows: List[Dict[str, float]] = []
+        if time.monotonic() - self.start_mono >= self.period:  # the hub may have sampled
+            lock = os.open(self.run_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                rows = read_samples(self.run_dir, self.offset)
+            finally:
+                os.close(lock)
+        return _summary(
+            self.period,
+            self.start_times,
+            len(rows),
+            int(max((r["rss_bytes"] for r in rows), default=0)),
+            sum(r["cpu_percent"] for r in rows),
+            int(max((r["gpu_bytes"] for r in rows), default=0)),
+        )
+
+
+def start(run_dir: Path, period: float, exclude: Iterable[int] = ()) -> Any:
+    """Start monitoring this process's tree for a run: through the supervisor's :class:`Hub`
+    when this process was forked by one, else with a :class:`Monitor` thread of its own.
+    Returns an object whose ``stop()`` gives the summary."""
+    if _hub_fd is not None:
+        try:
+            return _HubClient(_hub_fd, run_dir, period, exclude)
+        except (OSError, ValueError):
+            pass
+    return Monitor(run_dir, period, exclude=exclude).start()
 
 
 def _max_rss() -> int:
@@ -379,16 +646,21 @@ def _max_rss() -> int:
     )
 
 
-def read_samples(run_dir: Path) -> List[Dict[str, float]]:
-    """The samples of ``resources.csv`` as dicts of floats (an empty list when there is none)."""
+def read_samples(run_dir: Path, offset: int = 0) -> List[Dict[str, float]]:
+    """The samples of ``resources.csv`` as dicts of floats (an empty list when there is none);
+    ``offset``: only those written after that byte (an earlier attempt's are before it)."""
     path = Path(run_dir) / CSV_NAME
     try:
-        lines = path.read_text().splitlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError:
         return []
+    lines = data.decode(errors="replace").splitlines()
     if not lines:
         return []
     header = lines[0].split(",")
+    if offset:
+        lines = [lines[0]] + data[offset:].decode(errors="replace").splitlines()
     out = []
     for line in lines[1:]:
         parts = line.split(",")

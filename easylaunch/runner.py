@@ -536,10 +536,10 @@ def execute(
                 ).start(can_interrupt=bool(old_handlers))
             period = (extra or {}).get("monitor", DEFAULT_MONITOR_PERIOD)
             if period:
-                from .monitor import Monitor
+                from .monitor import start as start_monitor
 
                 spare = [watchdog.pid] if watchdog is not None and watchdog.pid else []
-                monitor = Monitor(run_dir, period, exclude=spare).start()
+                monitor = start_monitor(run_dir, period, spare)
             try:
                 result = fn(config, variant)
             except SystemExit as exit_exc:

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from . import records, transitions
+from . import monitor, records, transitions
 from .environments import JobEnvironment, detect
 from .liveness import LAUNCHER_FILE, LauncherWatch
 from .procs import kill_run, waitstatus_to_exitcode
@@ -188,6 +188,7 @@ def run_group(
     master = _Master()
     hook = make_checkpoint_hook(max_requeue, environment)
     _warm_up(paths, master, launcher)
+    hub = monitor.Hub()  # samples every run of the task: a run starts no thread of its own
     loaded: dict = {}
     requeue = False
     all_ok = True
@@ -232,6 +233,7 @@ def run_group(
                 for sig in SIGNAL_STATES:
                     signal.signal(sig, signal.SIG_DFL)
                 os.setpgid(0, 0)  # the run's own group: a forced cancel kills it, not its task-mates
+                hub.adopt()
                 code = execute(run_dir, load, echo=not quiet, on_interrupt=hook)
             finally:
                 os._exit(code)
@@ -244,6 +246,7 @@ def run_group(
         if master.stop is not None:  # a signal arrived between the check and the fork
             os.kill(pid, master.stop)
         code = _wait_child(pid, run_dir, master)
+        hub.forget(pid)
         master.child = None
         loaded[path] = code
         if code in (REQUEUE_EXIT, REQUEUED_BY_SLURM):
@@ -295,10 +298,7 @@ def _await_payload(
 def _warm_up(
     paths: List[Path], master: Optional["_Master"] = None, launcher: Optional[LauncherWatch] = None
 ) -> None:
-    """Pay imports once: unpickle the first unfinished payload here, before forking runs (and
-    import the resource monitor, which every forked run starts)."""
-    from . import monitor  # noqa: F401
-
+    """Pay imports once: unpickle the first unfinished payload here, before forking runs."""
     for path in paths:
         if records.read_status(path.parent).get("state", State.PENDING) in (State.PENDING, State.RUNNING):
             if not _await_payload(path, master, launcher):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from easylaunch import Command, State, grid, run_experiment, run_sweep
-from easylaunch.monitor import Monitor, next_tick, read_samples
+from easylaunch import Command, State, grid, monitor, run_experiment, run_sweep
+from easylaunch.monitor import Hub, Monitor, next_tick, read_samples
 
 ALLOC_200MB = (
     "import time\nblock = bytearray(200 * 1024 * 1024)\n"
@@ -41,7 +43,10 @@ def test_peak_of_a_child_that_allocates_200mb(log_dir, mode):
     res = job.status["resources"]
     assert res["peak_rss_bytes"] >= 200 * 1024 * 1024
     assert res["samples"] >= 3
-    assert 0 < res["monitor_cpu_seconds"] < 1.0  # the sampling thread's own CPU time
+    if mode == "local":
+        assert 0 < res["monitor_cpu_seconds"] < 1.0  # the sampling thread's own CPU time
+    else:  # one sampler (the supervisor's Hub) serves every run of the pool: not per run
+        assert "monitor_cpu_seconds" not in res
     samples = read_samples(job.run_dir)
     assert len(samples) == res["samples"]
     assert max(s["nprocs"] for s in samples) >= 2  # the child was sampled with the runner
@@ -101,6 +106,84 @@ def test_short_runs_take_no_sample_and_monitor_0_is_off(log_dir):
     job = run_experiment(busy, exp_name="mon", mode="local", variant={"seconds": 0.5}, monitor=0)
     assert job.wait(timeout=30) is State.COMPLETED
     assert "resources" not in job.status and not (job.run_dir / "resources.csv").exists()
+
+
+def threads_here(doodad_config, variant):
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_a_pool_run_starts_no_monitor_thread(log_dir):
+    # the pool's supervisor samples its runs (a Hub): a forked run creates no thread, so a run
+    # shorter than one period pays nothing for monitoring
+    sweep = run_sweep(threads_here, grid({"i": [0, 1]}), exp_name="mon", mode="local_pool", monitor=0.2)
+    assert sweep.results(timeout=30) == [1, 1]
+    job = run_experiment(threads_here, exp_name="mon", mode="local", monitor=0.2)
+    assert job.result(timeout=30) == 2  # a runner of its own: the function's thread + the monitor
+
+
+def _hub_child(hub: Hub, run_dir, seconds: float, period: float) -> int:
+    """Fork a run that registers with ``hub``, lives ``seconds``, and writes its summary."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - forked
+        code = 1
+        try:
+            hub.adopt()
+            mon = monitor.start(run_dir, period)
+            assert type(mon).__name__ == "_HubClient"
+            block = bytearray(60 * 1024 * 1024)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            time.sleep(seconds)
+            (run_dir / "summary.json").write_text(json.dumps(mon.stop()))
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def test_hub_samples_forked_runs_on_their_own_schedules(tmp_path):
+    hub = Hub()
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for d in runs:
+        d.mkdir()
+    pids = [_hub_child(hub, runs[0], 2.0, 0.1), _hub_child(hub, runs[1], 1.0, 0.25)]
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        hub.forget(pid)
+    for d, expect in ((runs[0], 20), (runs[1], 4)):
+        summary = json.loads((d / "summary.json").read_text())
+        rows = read_samples(d)
+        # the summary counts exactly the samples in the file (none is taken after the stop)
+        assert summary["samples"] == len(rows) and expect - 2 <= len(rows) <= expect
+        assert summary["peak_rss_bytes"] >= 60 * 1024 * 1024
+        assert max(r["rss_bytes"] for r in rows) >= 60 * 1024 * 1024
+        period = summary["period"]
+        assert all(abs(r["due"] / period - round(r["due"] / period)) < 1e-6 for r in rows)
+        errors = sorted(r["t"] - r["due"] for r in rows)
+        assert errors[0] >= 0 and errors[len(errors) // 2] < 0.010
+    # a second attempt in the same run dir counts its own samples, not the first one's
+    first = len(read_samples(runs[1]))
+    pid = _hub_child(hub, runs[1], 0.6, 0.25)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    hub.forget(pid)
+    again = json.loads((runs[1] / "summary.json").read_text())
+    assert 1 <= again["samples"] == len(read_samples(runs[1])) - first <= 2
+
+
+def test_hub_client_falls_back_to_a_thread_when_the_hub_cannot_take_it(tmp_path):
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # the hub is gone: writing fails
+    saved = monitor._hub_fd
+    monitor._hub_fd = write_fd
+    try:
+        mon = monitor.start(tmp_path, 0.1)
+        assert isinstance(mon, Monitor)
+        time.sleep(0.35)
+        assert mon.stop()["samples"] >= 2
+    finally:
+        monitor._hub_fd = saved
+        os.close(write_fd)
 
 
 def test_samples_kept_when_the_run_is_killed(log_dir):

@@ -95,12 +95,17 @@ def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: 
         signal.signal(sig, signal.SIG_DFL)
     running: dict = {}  # pid -> (run dir, slot)
     extra = batch.payload_extra()  # timeout, cancel_grace
+    hub = None
     if extra.get("monitor", runner.DEFAULT_MONITOR_PERIOD):
-        from .. import monitor  # noqa: F401 - imported once here, not by every forked run
+        from ..monitor import Hub  # imported once here, not by every forked run
+
+        hub = Hub()  # samples every run here: a run starts no thread of its own
 
     def reap_one() -> None:
         pid, status = os.wait()
         run_dir, _slot = running.pop(pid, (None, None))
+        if hub is not None:
+            hub.forget(pid)
         if run_dir is not None:
             # a run that died without its record (os._exit, a signal): its exit code or signal
             transitions.died_without_record(
@@ -123,6 +128,8 @@ def _supervise(batch: Batch, config, limit: int, echo: bool) -> int:  # pragma: 
             try:
                 os.setpgid(0, 0)
                 os.environ[txlog.ENV_SLOT] = str(slot)
+                if hub is not None:
+                    hub.adopt()
                 code = runner.execute(
                     run.run_dir, lambda run=run: (batch.fn, config._replace(), run.variant, extra), echo=echo
                 )
