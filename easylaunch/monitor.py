@@ -16,7 +16,7 @@ NVML where ``nvidia-ml-py`` is installed, or :mod:`easylaunch.gpu_fake`'s inject
 A run shorter than one period takes no sample, and :meth:`Monitor.stop` adds what two system
 calls give (CPU seconds of the run and its waited-for children, peak RSS of the largest
 process). A run samples itself with a thread (:class:`Monitor`), unless a forking supervisor
-(local_pool's, the Slurm task runner) samples all its children with one thread of its own
+(local_pool's, the Slurm task runner) samples all its children with one process beside it
 (:class:`Hub`): the run then starts no thread at all (:func:`start` picks).
 
 Where it reads: ``/proc`` on Linux (standard library only, a few small files per process),
@@ -459,8 +459,8 @@ _hub_fd: Optional[int] = None
 
 
 class Hub:
-    """One sampling thread in a forking supervisor (local_pool's, the Slurm task runner) that
-    samples every forked run's process tree, so that a run creates no thread of its own::
+    """One sampling process beside a forking supervisor (local_pool's, the Slurm task runner)
+    that samples every forked run's process tree, so that a run creates no thread of its own::
 
         hub = Hub()                 # in the supervisor, before its first fork
         pid = os.fork()
@@ -474,42 +474,76 @@ class Hub:
     below PIPE_BUF); the hub samples it on the run's own drift-free schedule and appends to its
     ``resources.csv`` under a lock on the run directory, which the run takes too when it
     stops and reads its samples back: the summary counts exactly the samples in the file.
+
+    The hub is a process, not a thread of the supervisor: a thread woken twice per run would
+    take the supervisor's GIL while it forks the next runs (a sweep of short runs took 1.3x as
+    long). It ignores the stop signals and ends when the pipe's last writer (the supervisor
+    and its runs) is gone, so it samples the runs to their end even when the supervisor dies.
     """
 
     def __init__(self) -> None:
-        self.read_fd, self.write_fd = os.pipe()
-        # a full pipe (the hub gone) must never block a run: it then monitors itself
+        read_fd, self.write_fd = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the hub process
+            code = 1
+            try:
+                # hold nothing of the supervisor's open (a pipe someone reads to its end)
+                devnull = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(devnull, fd)
+                os.closerange(3, read_fd)
+                os.closerange(read_fd + 1, 1 << 16)
+                _Sampler(read_fd).run()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(read_fd)
+        # a full pipe (the hub gone or behind) must never block a run: it then monitors itself
         os.set_blocking(self.write_fd, False)
-        self.series: Dict[int, _Series] = {}
-        self.buffer = b""
-        self.reader: Any = None
-        self.gpu: Optional[Callable[[List[int]], int]] = None
-        threading.Thread(target=self._run, name="easylaunch-monitor-hub", daemon=True).start()
 
     def adopt(self) -> None:
         """In a forked child: runs started here register with this hub (no thread of their own)."""
         global _hub_fd
-        os.close(self.read_fd)
         _hub_fd = self.write_fd
 
     def forget(self, pid: int) -> None:
         """The child ``pid`` was reaped: no more samples of it."""
         try:
             os.write(self.write_fd, b"end %d\n" % pid)
-        except OSError:  # the hub is behind; the run's own stop message ended its samples
+        except OSError:  # the hub is gone or behind; the run's own stop message ended its samples
             pass
 
-    def _run(self) -> None:
+    def close(self) -> None:
+        """No more runs: the hub ends once the runs still holding the pipe are gone."""
+        os.close(self.write_fd)
+
+
+class _Sampler:
+    """The hub process's loop: reads the runs' messages, samples each on its schedule."""
+
+    def __init__(self, read_fd: int) -> None:
+        self.read_fd = read_fd
+        self.series: Dict[int, _Series] = {}
+        self.buffer = b""
+        self.reader: Any = None
+        self.gpu: Optional[Callable[[List[int]], int]] = None
+
+    def run(self) -> None:
         import select
         import signal
 
-        # signals go to the supervisor's main thread, whose waits they must interrupt
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
         while True:
             due = min((s.due() for s in self.series.values()), default=None)
             timeout = None if due is None else max(0.0, due - time.monotonic())
             if select.select([self.read_fd], [], [], timeout)[0]:
-                self._messages(os.read(self.read_fd, 65536))
+                data = os.read(self.read_fd, 65536)
+                if not data:  # every writer is gone: no run is left to sample
+                    for series in self.series.values():
+                        series.close()
+                    return
+                self._messages(data)
             now = time.monotonic()
             for pid, series in list(self.series.items()):
                 if series.due() <= now:
@@ -564,7 +598,10 @@ class Hub:
             fcntl.flock(lock, fcntl.LOCK_EX)
             # a stop written before we took the lock is read now: no sample after it
             while select.select([self.read_fd], [], [], 0)[0]:
-                self._messages(os.read(self.read_fd, 65536))
+                data = os.read(self.read_fd, 65536)
+                if not data:
+                    break  # every writer is gone (the main loop ends on it)
+                self._messages(data)
             if self.series.get(pid) is series:
                 series.take(self.reader, self.gpu)
         finally:

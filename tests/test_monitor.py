@@ -169,6 +169,8 @@ def test_hub_samples_forked_runs_on_their_own_schedules(tmp_path):
     hub.forget(pid)
     again = json.loads((runs[1] / "summary.json").read_text())
     assert 1 <= again["samples"] == len(read_samples(runs[1])) - first <= 2
+    hub.close()  # its last writer gone, the hub process ends
+    assert os.waitstatus_to_exitcode(os.waitpid(hub.pid, 0)[1]) == 0
 
 
 def test_hub_client_falls_back_to_a_thread_when_the_hub_cannot_take_it(tmp_path):
