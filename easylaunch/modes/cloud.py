@@ -486,10 +486,6 @@ class CloudMode(Mode):
                         if all(v in GONE for v in states.values()):
                             break
                         time.sleep(1)
-                    prefixes = [common["batch_key"] + "/"]
-                    prefixes += [f"{common['exp_key']}/{run.name}/" for run in batch.runs]
-                    for prefix in prefixes:
-                        put_keys.extend(provider.list(prefix))
                 except Exception:
                     pass
             for key in dict.fromkeys(put_keys):
@@ -497,6 +493,10 @@ class CloudMode(Mode):
                     provider.delete(key)
                 except Exception:
                     pass
+            if created:
+                prefixes = [common["batch_key"] + "/"]
+                prefixes += [f"{common['exp_key']}/{run.name}/" for run in batch.runs]
+                _remove_until_quiet(provider, prefixes)
             batch.started = False
             if isinstance(exc, CloudError):
                 raise
@@ -820,3 +820,24 @@ class _DirRun:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
+
+
+def _remove_until_quiet(
+    provider: Provider, prefixes: List[str], quiet: float = 2.0, rounds: int = 10
+) -> None:
+    """Delete every object under ``prefixes``, again and again until a listing ``quiet``
+    seconds after the last deletion finds nothing: an upload an instance sent just before it
+    was deleted can land after the instance is gone (it was in flight)."""
+    for round in range(rounds):
+        try:
+            found = [key for prefix in prefixes for key in provider.list(prefix)]
+        except Exception:
+            return
+        if not found and round:
+            return
+        for key in found:
+            try:
+                provider.delete(key)
+            except Exception:
+                pass
+        time.sleep(quiet)
