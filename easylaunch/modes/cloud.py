@@ -828,12 +828,12 @@ def _remove_until_quiet(
     """Delete every object under ``prefixes``, again and again until a listing ``quiet``
     seconds after the last deletion finds nothing: an upload an instance sent just before it
     was deleted can land after the instance is gone (it was in flight)."""
-    for round in range(rounds):
+    for n in range(rounds):
         try:
             found = [key for prefix in prefixes for key in provider.list(prefix)]
         except Exception:
             return
-        if not found and round:
+        if not found and n:
             return
         for key in found:
             try:
