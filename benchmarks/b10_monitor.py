@@ -10,6 +10,8 @@ and short runs' sweeps with monitoring on (the default) and off, side by side.
 - A local_pool sweep of ``-n`` trivial variants with the default ``monitor=1.0`` against the same
   sweep with ``monitor=0``, interleaved: a run shorter than one period must pay nothing (goal:
   within 5 %).
+- With ``--b4`` (needs the Slurm service: source /tmp/easylaunch-services/slurm.env), the same
+  for B4's packed Slurm sweep (``--b4-n`` variants, default 1000, as b8_txlog.py runs it).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def main() -> int:
         p.add_argument("--seconds", type=float, default=None, help="length of the long run (default 60)")
         p.add_argument("-n", type=int, default=300, help="variants of the short-run sweeps (default 300)")
         p.add_argument("--repeat", type=int, default=None, help="sweeps per setting (default 3)")
+        p.add_argument("--b4", action="store_true", help="also B4's packed Slurm sweep, monitor on/off")
+        p.add_argument("--b4-n", type=int, default=1000, help="variants of the B4 sweeps (default 1000)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     seconds = args.seconds or (10.0 if args.quick else 60.0)
@@ -116,6 +120,26 @@ def main() -> int:
             "vs monitor=0",
             f"{ratio:.3f}x",
         )
+        if args.b4:
+            from b8_txlog import b4_once
+            from common import make_git_repo
+
+            repo = make_git_repo(root / "repo")
+            on, off = [], []
+            for i in range(repeat):
+                off.append(b4_once(args.b4_n, root, repo, f"off{i}", monitor=0))
+                on.append(b4_once(args.b4_n, root, repo, f"on{i}", monitor=1.0))
+                print(f"B4 #{i}: off {off[-1]:.3f} s, on {on[-1]:.3f} s", flush=True)
+            ratio = median(on) / median(off)
+            ok &= ratio <= GOAL_RATIO
+            table.add(f"B4 packed Slurm sweep of {args.b4_n}, monitor=0", f"{median(off):.3f} s")
+            table.add(
+                f"B4 packed Slurm sweep of {args.b4_n}, monitor=1.0",
+                f"{median(on):.3f} s",
+                f"<= {GOAL_RATIO}x",
+                "vs monitor=0",
+                f"{ratio:.3f}x",
+            )
     table.print()
     return 0 if ok else 1
 

@@ -33,8 +33,9 @@ def trivial(doodad_config, variant):  # defined here: pickled by value for the S
     return variant["i"]
 
 
-def b4_once(n: int, root: Path, repo: Path, tag: str) -> float:
-    """B4 packed, as b3_b4_slurm.py measures it: submit -> every result seen."""
+def b4_once(n: int, root: Path, repo: Path, tag: str, **options) -> float:
+    """B4 packed, as b3_b4_slurm.py measures it: submit -> every result seen (``options``:
+    more options of the sweep, e.g. ``monitor=0`` for b10_monitor.py)."""
     from easylaunch import run_sweep
 
     t0 = time.time()
@@ -46,6 +47,7 @@ def b4_once(n: int, root: Path, repo: Path, tag: str) -> float:
         base_log_dir=str(root / "logs"),
         code_dirs_to_mount=[str(repo)],
         expected_duration=0.01,
+        **options,
     )
     results = sweep.results()
     assert results == list(range(n)), "wrong results"

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .gpu_sched import Scheduler, Unfit
+from .monitor import ProcReader
 
 #: the broker's directory in the log dir (containers mount it): its socket, start lock and log
 BROKER_DIR = ".gpu_broker"
@@ -265,11 +266,10 @@ class Broker:
 
     # -- measuring ----------------------------------------------------------------------------
     def _ppid(self, pid: int) -> int:
+        stat = ProcReader.stat(pid)  # the fields after the command: state, ppid, ...
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-            return int(data[data.rindex(b")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
+            return int(stat[1]) if stat else 0
+        except (ValueError, IndexError):
             return 0
 
     def _owner(self, pid: int, roots: Dict[int, int]) -> Optional[int]:

@@ -79,13 +79,13 @@ class ProcReader:
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
-            stat = self._stat(int(name))
+            stat = self.stat(int(name))
             if stat is not None:
                 tree.setdefault(int(stat[1]), []).append(int(name))
         return tree
 
     @staticmethod
-    def _stat(pid: int) -> Optional[List[bytes]]:
+    def stat(pid: int) -> Optional[List[bytes]]:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 data = f.read()
@@ -110,7 +110,7 @@ class ProcReader:
         cpu = 0.0
         seen = []
         for pid in pids:
-            stat = self._stat(pid)
+            stat = self.stat(pid)
             if stat is None or stat[0] == b"Z":
                 continue
             seen.append(pid)
