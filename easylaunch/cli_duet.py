@@ -62,15 +62,42 @@ def _analyze_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: where the duet job writes, inside its run directory (brought back with it on every mode)
+RESULTS_IN_RUN = "duet-results"
+CONFIGS_IN_RUN = "duet-configs"
+LOCAL_MODES = ("local", "local_pool", "here")
+
+
 def duet_job(doodad_config: Any, variant: dict) -> str:
-    """The job easylaunch runs: every duet of ``variant['configs']`` into ``variant['outdir']``."""
+    """The job easylaunch runs, on the target: writes the configs it carries (by value: the
+    launching machine's paths do not exist there), runs every duet into its run directory's
+    ``duet-results`` and returns that directory's name."""
     from .duet.bench import run_duets
     from .duet.config import load_configs
 
+    run_dir = Path(doodad_config.base_log_dir)
     if variant.get("docker_host"):
         os.environ["DOCKER_HOST"] = variant["docker_host"]
-    run_duets(load_configs(variant["configs"]), variant["outdir"], docker=variant.get("docker"))
-    return variant["outdir"]
+    configs = run_dir / CONFIGS_IN_RUN
+    configs.mkdir(exist_ok=True)
+    paths = []
+    for name, text in variant["configs"]:
+        paths.append(configs / name)
+        paths[-1].write_text(text)
+    run_duets(load_configs(paths), run_dir / RESULTS_IN_RUN, docker=variant.get("docker"))
+    return RESULTS_IN_RUN
+
+
+def _config_texts(paths: Sequence[str]) -> list:
+    """``[(file name, text)]`` of the configs, names made unique (``2-name`` for a repeat)."""
+    out, seen = [], set()
+    for i, p in enumerate(paths):
+        name = Path(p).name
+        if name in seen:
+            name = f"{i}-{name}"
+        seen.add(name)
+        out.append((name, Path(p).read_text()))
+    return out
 
 
 def cmd_run(argv: Sequence[str]) -> int:
@@ -92,10 +119,10 @@ def cmd_run(argv: Sequence[str]) -> int:
     from .api import run_experiment
 
     variant = {
-        "configs": [str(Path(c).resolve()) for c in args.configs],
-        "outdir": str(outdir),
+        "configs": _config_texts(args.configs),
         "docker": args.docker,
-        "docker_host": os.environ.get("DOCKER_HOST"),
+        # this machine's engine socket means nothing on another host
+        "docker_host": os.environ.get("DOCKER_HOST") if args.mode in LOCAL_MODES else None,
     }
     job = run_experiment(duet_job, mode=args.mode, exp_name=args.exp_name, variant=variant)
     try:
@@ -103,7 +130,15 @@ def cmd_run(argv: Sequence[str]) -> int:
     except Exception as exc:
         print(f"easylaunch duet: the duet failed: {exc}", file=sys.stderr)
         return 1
-    print(f"results in {outdir}; run directory {getattr(job, 'run_dir', '?')}")
+    job.fetch()  # the run directory's files, results included, back here (no-op when local)
+    results = Path(job.run_dir) / RESULTS_IN_RUN
+    if not results.is_dir():
+        print(f"easylaunch duet: the job completed but {results} did not come back", file=sys.stderr)
+        return 1
+    import shutil
+
+    shutil.move(str(results), str(outdir))
+    print(f"results in {outdir}; run directory {job.run_dir}")
     return 0
 
 

@@ -320,6 +320,28 @@ def test_readme_example_end_to_end(tmp_path, engine):
     print(f"{engine}: README example end to end in {took:.1f}s")
 
 
+def test_the_duet_job_carries_its_configs_and_brings_its_results_back(tmp_path, engine, log_dir):
+    # the duet as a job on another mode (local_pool here): the configs travel by value (the
+    # launching machine's paths mean nothing on a remote target), the results are written in the
+    # run directory (which every mode brings back) and then moved to --outdir
+    suite = f"job{uuid.uuid4().hex[:6]}"
+    text = README_CONFIG.format(suite=suite, engine=engine, **images(engine))
+    path = write(tmp_path, text)
+    out = tmp_path / "out"
+    proc = cli(str(path), "--outdir", str(out), "--docker", engine, "--mode", "local_pool",
+               env={"DOCKER_HOST": os.environ[ENGINE_HOSTS[engine]]})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = Path(proc.stdout.rsplit("run directory ", 1)[1].strip())
+    assert run_dir.is_relative_to(log_dir)
+    assert (run_dir / "duet-configs" / path.name).read_text() == text  # reproducible from the run dir
+    variant = json.loads((run_dir / "variant.json").read_text())
+    assert str(tmp_path) not in json.dumps(variant)
+    assert not (run_dir / "duet-results").exists()
+    assert len([p for p in out.iterdir() if p.is_file()]) == 3 * 2 + 2
+    assert (out / "artifacts" / "uname").is_file()
+    assert left(engine, suite) == []
+
+
 CPU_RUN = """python3 -c '
 import time
 with open("/tmp/cpu.timings", "w") as f:
