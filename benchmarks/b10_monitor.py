@@ -127,8 +127,8 @@ def main() -> int:
             repo = make_git_repo(root / "repo")
             on, off = [], []
             for i in range(repeat):
-                off.append(b4_once(args.b4_n, root, repo, f"off{i}", monitor=0))
-                on.append(b4_once(args.b4_n, root, repo, f"on{i}", monitor=1.0))
+                off.append(b4_once(args.b4_n, root, repo, f"off{i}", trivial, monitor=0))
+                on.append(b4_once(args.b4_n, root, repo, f"on{i}", trivial, monitor=1.0))
                 print(f"B4 #{i}: off {off[-1]:.3f} s, on {on[-1]:.3f} s", flush=True)
             ratio = median(on) / median(off)
             ok &= ratio <= GOAL_RATIO

@@ -33,14 +33,15 @@ def trivial(doodad_config, variant):  # defined here: pickled by value for the S
     return variant["i"]
 
 
-def b4_once(n: int, root: Path, repo: Path, tag: str, **options) -> float:
-    """B4 packed, as b3_b4_slurm.py measures it: submit -> every result seen (``options``:
-    more options of the sweep, e.g. ``monitor=0`` for b10_monitor.py)."""
+def b4_once(n: int, root: Path, repo: Path, tag: str, fn=None, **options) -> float:
+    """B4 packed, as b3_b4_slurm.py measures it: submit -> every result seen (``fn``: the
+    function, defined in the calling script so that it is pickled by value; ``options``: more
+    options of the sweep, e.g. ``monitor=0`` for b10_monitor.py)."""
     from easylaunch import run_sweep
 
     t0 = time.time()
     sweep = run_sweep(
-        trivial,
+        fn or trivial,
         [{"i": i} for i in range(n)],
         exp_name=f"b4-{tag}",
         mode="slurm",
