@@ -527,6 +527,7 @@ class _Sampler:
         self.buffer = b""
         self.reader: Any = None
         self.gpu: Optional[Callable[[List[int]], int]] = None
+        self.poll: Optional[float] = None  # seconds between reads while runs are sampled
 
     def run(self) -> None:
         import select
@@ -534,16 +535,30 @@ class _Sampler:
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
+        # Messages are read at once while no run is sampled; while some are, every quarter of
+        # the shortest period seen (a run is known before its first sample is due): a sweep of
+        # short runs wakes the hub a few times a second, not twice per run
+        next_read = 0.0
         while True:
             due = min((s.due() for s in self.series.values()), default=None)
-            timeout = None if due is None else max(0.0, due - time.monotonic())
-            if select.select([self.read_fd], [], [], timeout)[0]:
-                data = os.read(self.read_fd, 65536)
-                if not data:  # every writer is gone: no run is left to sample
+            now = time.monotonic()
+            if due is None:
+                timeout = None
+            elif self.poll is None:
+                timeout = max(0.0, due - now)
+            else:
+                timeout = max(0.0, min(due, next_read) - now)
+            if self.series and self.poll is not None:
+                time.sleep(timeout or 0.0)
+                readable = time.monotonic() >= next_read
+            else:
+                readable = bool(select.select([self.read_fd], [], [], timeout)[0])
+            if readable:
+                if not self._drain():  # every writer is gone: no run is left to sample
                     for series in self.series.values():
                         series.close()
                     return
-                self._messages(data)
+                next_read = time.monotonic() + (self.poll or 0.0)
             now = time.monotonic()
             for pid, series in list(self.series.items()):
                 if series.due() <= now:
@@ -553,6 +568,17 @@ class _Sampler:
                         self.series.pop(pid, None)
                         series.close()
 
+    def _drain(self) -> bool:
+        """Read every message waiting; False once the pipe's last writer is gone."""
+        import select
+
+        while select.select([self.read_fd], [], [], 0)[0]:
+            data = os.read(self.read_fd, 65536)
+            if not data:
+                return False
+            self._messages(data)
+        return True
+
     def _messages(self, data: bytes) -> None:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
@@ -560,6 +586,8 @@ class _Sampler:
             kind, _, rest = line.partition(b" ")
             if kind == b"start":
                 pid, period, cpu0, mono, wall, excl, run_dir = rest.split(b" ", 6)
+                quarter = min(0.25, max(0.005, float(period) / 4))
+                self.poll = quarter if self.poll is None else min(self.poll, quarter)
                 exclude = {int(x) for x in excl.split(b",") if x != b"-"}
                 self.series[int(pid)] = _Series(
                     Path(os.fsdecode(run_dir)),
@@ -577,7 +605,6 @@ class _Sampler:
 
     def _take(self, pid: int, series: _Series) -> None:
         import fcntl
-        import select
 
         if self.reader is None:
             self.reader = make_reader()
@@ -596,12 +623,9 @@ class _Sampler:
             return
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            # a stop written before we took the lock is read now: no sample after it
-            while select.select([self.read_fd], [], [], 0)[0]:
-                data = os.read(self.read_fd, 65536)
-                if not data:
-                    break  # every writer is gone (the main loop ends on it)
-                self._messages(data)
+            # a stop written before we took the lock is read now: no sample after it (when
+            # every writer is gone, the main loop ends on it)
+            self._drain()
             if self.series.get(pid) is series:
                 series.take(self.reader, self.gpu)
         finally:
