@@ -119,6 +119,9 @@ def test_a_run_that_ends_during_the_poll_is_completed_not_failed(tmp_path):
     assert answers[job.run_dir] == State.COMPLETED
     assert (job.run_dir / "result.pkl").read_bytes() == b"result"
     assert sky.calls["describe"] == 1 and sky.calls["list"] == 1
+    # an empty object (the logs of a quiet run) is known from the listing: no GET for it
+    assert (job.run_dir / "stderr.log").read_bytes() == b""
+    assert not [k for k in sky.gets if k.endswith("stderr.log")], sky.gets
 
 
 def test_one_describe_and_one_listing_per_poll_of_a_sweep(tmp_path):
