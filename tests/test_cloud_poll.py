@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -161,3 +162,41 @@ def test_a_killed_instance_is_read_once_for_all_its_runs(tmp_path):
     lone = run(tmp_path / "two", "run-9", "i-9")
     make_mode(sky2).poll([lone])
     assert transitions.current(lone.run_dir) == State.FAILED and sky2.gets == []
+
+
+def test_a_poll_that_fetched_outputs_does_not_hold_the_next_one_back(tmp_path, monkeypatch):
+    """wait() spaces backend polls by the mode's poll_spacing times their CPU time. A cloud
+    poll's CPU time is mostly the outputs it brought back (the runs use the instances' CPUs), so
+    a run that ends meanwhile is seen a poll_interval later, not 20 times that CPU time later."""
+    from easylaunch.job import Job, wait_all
+
+    sky = FakeCloud()
+    sky.instances["i-1"] = ("z1", "running")
+    sky.status("run-0", State.RUNNING)
+    sky.objects[f"{EXP_KEY}/run-0/out.bin"] = b"x" * 1000
+    stub = run(tmp_path, "run-0", "i-1")
+    records.atomic_write_json(stub.run_dir / "manifest.json", {"mode": "fakecloud", **stub.manifest})
+
+    class QuickMode(FakeMode):
+        poll_interval = 0.1
+
+    original = FakeProvider.get
+
+    def get(self, key):  # downloading costs CPU; the run ends meanwhile
+        data = original(self, key)
+        if key.endswith("out.bin"):
+            end = time.thread_time() + 0.2
+            while time.thread_time() < end:
+                pass
+            sky.status("run-0", State.COMPLETED)
+        return data
+
+    monkeypatch.setattr(FakeProvider, "get", get)
+    FakeProvider.sky = sky
+    job = Job(stub.run_dir, mode=QuickMode({}))
+    t0 = time.monotonic()
+    wait_all([job], timeout=30, progress=False)
+    elapsed = time.monotonic() - t0
+    assert transitions.current(job.run_dir) == State.COMPLETED
+    assert (job.run_dir / "out.bin").read_bytes() == b"x" * 1000
+    assert elapsed < 2.5, f"{elapsed:.1f} s (20x the poll's CPU time would be >= 4 s)"

@@ -197,6 +197,9 @@ class CloudMode(Mode):
 
     waits_by_default = True
     poll_interval = 2.0
+    #: the runs use the instances' CPUs, and a poll's CPU time is mostly the outputs it brought
+    #: back: at 20x, the poll that fetched a sweep's first results delayed the next by ~16 s (B8)
+    poll_spacing = 2.0
     fetches_outputs = True
     provider_class: type = Provider
     common_options = (
