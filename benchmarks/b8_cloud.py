@@ -97,12 +97,13 @@ class Meter:
         self.puts: Counter = Counter()  # by kind: code, payload, probe, other
         self.put_bytes: Counter = Counter()
         self.polls: List[Tuple[int, Counter]] = []
+        self.code_sizes: Dict[str, int] = {}
         #: (start perf_counter, seconds, CPU seconds) of each poll
         self.poll_times: List[Tuple[float, float, float]] = []
 
     def reset(self) -> None:
         self.calls, self.sent, self.puts, self.put_bytes = Counter(), Counter(), Counter(), Counter()
-        self.polls, self.poll_times = [], []
+        self.polls, self.poll_times, self.code_sizes = [], [], {}
 
     def call(self, name: str) -> None:
         if self.active:
@@ -122,6 +123,8 @@ class Meter:
         )
         self.puts[kind] += 1
         self.put_bytes[kind] += nbytes
+        if kind == "code":
+            self.code_sizes[key.rsplit("/", 1)[-1]] = nbytes
 
     def bytes_out(self, service: str, nbytes: int) -> None:
         if self.active:
@@ -463,6 +466,7 @@ def sweep(meter: Meter, mode: str, exp: str, n: int, per: int, code: Path, logs:
         "stats": dict(jobs[0].mode.stats),
         "payload_b64": sum(4 * ((os.path.getsize(j.run_dir / "payload.pkl") + 2) // 3) for j in jobs),
         "code_keys": list(jobs[0].manifest["backend"]["cloud"]["code"]),
+        "code_sizes": dict(meter.code_sizes),
     }
 
 
@@ -605,6 +609,7 @@ def report(mode: str, n: int, per: int, first: Dict[str, Any], second: Dict[str,
     print("  every call of the first sweep: " + ", ".join(f"{k} {v}" for k, v in sorted(calls.items())))
     print("  second sweep: " + ", ".join(f"{k} {v}" for k, v in sorted(second["calls"].items())))
     print(f"  mode.stats (first sweep): {first['stats']}")
+    print("  code objects put: " + ", ".join(f"{k} {kib(v)}" for k, v in first["code_sizes"].items()))
     print(
         "  polls of the first sweep (start after the launch call, seconds, CPU seconds, runs, calls): "
         + "; ".join(
