@@ -544,10 +544,11 @@ class _Watcher:
             ask_backend = now >= backend_due
             try:
                 max_interval = float(getattr(jobs[0].mode, "poll_interval", 1.0))
+                spacing = poll_spacing(jobs[0].mode)
                 refresh_states(jobs, backend=ask_backend)
             except Exception:  # a backend hiccup (sacct timing out, ...) must not end the watching
                 _log.warning("easylaunch: polling %d run(s) failed; retrying", len(jobs), exc_info=True)
-                max_interval, ask_backend = 5.0, True
+                max_interval, ask_backend, spacing = 5.0, True, _POLL_SPACING
                 gone = [j for j in jobs if not j.run_dir.is_dir()]
                 with self._lock:
                     for job in gone:  # deleted run directories will never end
@@ -563,12 +564,12 @@ class _Watcher:
                     self._jobs.pop(id(job), None)
             cost = time.thread_time() - began_cpu
             if ask_backend:
-                backend_due = time.monotonic() + max(max_interval, _POLL_SPACING * cost)
+                backend_due = time.monotonic() + max(max_interval, spacing * cost)
             if not finished:
                 interval = min(max_interval, interval * 1.25)
-            # at least _POLL_SPACING times what the poll cost, even when nudged
-            time.sleep(_POLL_SPACING * cost)
-            self._nudge.wait(max(0.0, interval - _POLL_SPACING * cost))
+            # at least `spacing` times what the poll cost, even when nudged
+            time.sleep(spacing * cost)
+            self._nudge.wait(max(0.0, interval - spacing * cost))
             self._nudge.clear()
 
 
@@ -696,6 +697,12 @@ class _Progress:
 _POLL_SPACING = 20
 
 
+def poll_spacing(mode: Any) -> float:
+    """How many times its CPU time a backend poll of ``mode`` is followed by a pause: the mode's
+    ``poll_spacing`` (smaller for modes whose runs use other machines' CPUs), else 20."""
+    return float(getattr(mode, "poll_spacing", None) or _POLL_SPACING)
+
+
 def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: bool = True) -> None:
     """Poll until every job is terminal; raises TimeoutError naming how many are left."""
     if not jobs:
@@ -715,8 +722,9 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
     # slows down gently (x1.25 per idle poll) up to the mode's poll_interval, and reading
     # never takes more than about 1/_POLL_SPACING of a CPU (the runs need it). The
     # backend (process liveness, sacct) is asked once per poll_interval, or less often when
-    # its answer takes long.
+    # its answer takes long (the mode's poll_spacing times the CPU time it took).
     max_interval = max(getattr(j.mode, "poll_interval", 1.0) for j in jobs[:1])
+    spacing = poll_spacing(jobs[0].mode)
     interval = min(0.01, max_interval)
     backend_due = time.monotonic() + max_interval
     scan_cost = 0.0
@@ -747,7 +755,7 @@ def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None, progress: boo
             now = time.monotonic()
             cost = time.thread_time() - began_cpu
             if ask_backend:
-                backend_due = now + max(max_interval, _POLL_SPACING * cost)
+                backend_due = now + max(max_interval, spacing * cost)
             else:
                 scan_cost = cost
             if deadline is not None and now >= deadline:

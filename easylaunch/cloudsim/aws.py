@@ -27,13 +27,12 @@ import datetime
 import json
 import os
 import secrets
-import sys
 import threading
 import time
 import urllib.parse
 from typing import Any, Dict, Optional
 
-from .players import InstancePlayer, MetadataServer, json_answer, text_answer
+from .players import Sim, json_answer, text_answer
 
 
 def _planted() -> Dict[str, str]:
@@ -46,8 +45,11 @@ def _planted() -> Dict[str, str]:
     }
 
 
-class AwsSim:
+class AwsSim(Sim):
     """The player of one EC2 endpoint."""
+
+    cloud = "aws"
+    step_error = "the emulator did not answer"
 
     def __init__(
         self,
@@ -60,24 +62,18 @@ class AwsSim:
     ):
         import boto3
 
+        super().__init__(work_dir, runner, image, interval)
         self.endpoint = endpoint.rstrip("/")
-        self.work_dir = os.path.abspath(work_dir)
-        os.makedirs(self.work_dir, exist_ok=True)
-        self.runner, self.image = runner, image or "local/debian-python:bookworm"
-        self.interval = interval
         self.regions = regions or ["us-east-1"]
         session = boto3.session.Session(
             aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
             aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
         )
         self.ec2 = {r: session.client("ec2", region_name=r, endpoint_url=self.endpoint) for r in self.regions}
-        self.players: Dict[str, InstancePlayer] = {}
-        self.meta: Dict[str, MetadataServer] = {}
         self.info: Dict[str, Dict[str, Any]] = {}
         self.notices: Dict[str, Dict[str, Any]] = {}
         self.lock = threading.Lock()
-        self.stopping = False
-        self.planted = _planted()
+        self.keys = _planted()
         self.iam = session.client("iam", region_name=self.regions[0], endpoint_url=self.endpoint)
 
     # -- metadata ------------------------------------------------------------------
@@ -114,7 +110,7 @@ class AwsSim:
                     {
                         "Code": "Success",
                         "Type": "AWS-HMAC",
-                        **self.planted,
+                        **self.keys,
                         "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
                     }
                 )
@@ -151,10 +147,7 @@ class AwsSim:
             "role": role,
             "spot": inst.get("InstanceLifecycle") == "spot",
         }
-        meta = MetadataServer(self._imds(ident))
-        self.meta[ident] = meta
-        env = {"AWS_ENDPOINT_URL": self.endpoint, "EASYLAUNCH_METADATA_URL": meta.url}
-        self.players[ident] = InstancePlayer(ident, script, self.work_dir, env, self.runner, self.image)
+        meta = self.play(ident, script, {"AWS_ENDPOINT_URL": self.endpoint}, self._imds(ident))
         print(f"cloudsim aws: playing {ident} ({region}, metadata {meta.url})", flush=True)
 
     def interrupt(self, ident: str, window: float) -> Dict[str, Any]:
@@ -213,63 +206,19 @@ class AwsSim:
             ]
         }
 
-    def control(self, method: str, path: str, headers: Dict[str, str]):
-        parts = urllib.parse.urlsplit(path)
-        query = dict(urllib.parse.parse_qsl(parts.query))
-        if parts.path == "/instances":
-            return json_answer(self.describe())
-        if parts.path == "/planted":
-            return json_answer(self.planted)
-        if method == "POST" and parts.path == "/interrupt":
+    def planted(self) -> Dict[str, str]:
+        return self.keys
+
+    def command(self, method: str, path: str, query: Dict[str, str]):
+        if method == "POST" and path == "/interrupt":
             return json_answer(self.interrupt(query["id"], float(query.get("window", 120))))
-        if method == "POST" and parts.path == "/kill":
+        if method == "POST" and path == "/kill":
             with self.lock:
                 return json_answer(self.kill(query["id"]))
-        return text_answer("unknown control request", 404)
+        return None
 
-    def run(self, control_port: int = 0) -> int:
-        control = (
-            MetadataServer(self.control) if not control_port else _fixed_server(self.control, control_port)
-        )
-        print(f"cloudsim aws: control {control.url}", flush=True)
-        print(
-            f"cloudsim aws: playing instances of {self.endpoint} ({', '.join(self.regions)}), runner {self.runner}",
-            flush=True,
-        )
-        try:
-            while not self.stopping:
-                try:
-                    self.step()
-                except Exception as exc:
-                    print(
-                        f"cloudsim aws: the emulator did not answer ({exc}); retrying",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                time.sleep(self.interval)
-        finally:
-            self.shutdown()
-        return 0
-
-    def shutdown(self) -> None:
-        for player in self.players.values():
-            if player.alive():
-                player.kill()
-        for meta in self.meta.values():
-            meta.close()
-
-
-def _fixed_server(handler, port: int) -> MetadataServer:
-    from http.server import ThreadingHTTPServer
-
-    server = MetadataServer(handler)
-    server.close()
-    srv = MetadataServer.__new__(MetadataServer)
-    srv.requests = []
-    srv.server = ThreadingHTTPServer(("127.0.0.1", port), server.server.RequestHandlerClass)
-    srv.url = f"http://127.0.0.1:{port}"
-    threading.Thread(target=srv.server.serve_forever, daemon=True).start()
-    return srv
+    def banner(self) -> str:
+        return f"playing instances of {self.endpoint} ({', '.join(self.regions)}), runner {self.runner}"
 
 
 def describe_json(sim: AwsSim) -> str:

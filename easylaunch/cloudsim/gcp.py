@@ -28,20 +28,17 @@ endpoint on 127.0.0.1 (printed at start, ``--control-port``) delivers faults::
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 
-from .players import InstancePlayer, MetadataServer, clean_env, json_answer, text_answer
+from .players import Answer, HttpServer, Sim, json_answer, text_answer
 
 ZONES = ("us-west1-a", "us-west1-b", "us-central1-a", "us-central1-f", "us-east1-b", "europe-west4-a")
 MACHINE_TYPES = {
@@ -391,8 +388,10 @@ def match_filter(inst: Dict[str, Any], text: str) -> bool:
     return True
 
 
-class GcpSim:
+class GcpSim(Sim):
     """The Compute endpoint, the metadata servers and the players of one project of instances."""
+
+    cloud = "gcp"
 
     def __init__(
         self,
@@ -403,18 +402,12 @@ class GcpSim:
         image: str = "",
         interval: float = 0.5,
     ):
+        super().__init__(work_dir, runner, image, interval)
         self.port, self.storage = port, storage.rstrip("/")
-        self.work_dir = os.path.abspath(work_dir)
-        os.makedirs(self.work_dir, exist_ok=True)
-        self.runner, self.image = runner, image or "local/debian-python:bookworm"
-        self.interval = interval
         self.lock = threading.RLock()
-        self.stopping = False
         #: (project, zone, name) -> the instance resource as stored
         self.instances: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
         self.operations: Dict[str, Dict[str, Any]] = {}
-        self.players: Dict[str, InstancePlayer] = {}
-        self.meta: Dict[str, MetadataServer] = {}
         self.shutdowns: Dict[str, subprocess.Popen] = {}
         self.requests: List[Dict[str, Any]] = []
         self.failures: List[Dict[str, Any]] = []
@@ -652,11 +645,9 @@ class GcpSim:
         ident = f"{key[2]}-{inst['id']}"
         inst["_ident"] = ident
         attrs = {i["key"]: i.get("value", "") for i in (inst.get("metadata") or {}).get("items") or []}
-        meta = MetadataServer(self._metadata(key))
-        self.meta[ident] = meta
-        env = {"STORAGE_EMULATOR_HOST": self.instance_storage, "EASYLAUNCH_METADATA_URL": meta.url}
         script = attrs.get("startup-script") or "#!/bin/bash\ntrue\n"
-        self.players[ident] = InstancePlayer(ident, script, self.work_dir, env, self.runner, self.image)
+        env = {"STORAGE_EMULATOR_HOST": self.instance_storage}
+        meta = self.play(ident, script, env, self._metadata(key))
         inst["status"] = "RUNNING"
         print(f"cloudsim gcp: playing {key[2]} ({key[1]}, metadata {meta.url})", flush=True)
 
@@ -668,24 +659,11 @@ class GcpSim:
             player = self.players.get(inst.get("_ident", ""))
             attrs = {i["key"]: i.get("value", "") for i in (inst.get("metadata") or {}).get("items") or []}
             if player is not None and attrs.get("shutdown-script"):
-                path = os.path.join(player.dir, "shutdown.sh")
-                with open(path, "w") as f:
-                    f.write(attrs["shutdown-script"])
-                log = open(os.path.join(player.dir, "shutdown.log"), "ab")
                 env = {
                     "STORAGE_EMULATOR_HOST": self.instance_storage,
                     "EASYLAUNCH_METADATA_URL": self.meta[inst["_ident"]].url,
                 }
-                self.shutdowns[inst["_ident"]] = subprocess.Popen(
-                    ["bash", path],
-                    cwd=player.root,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env=clean_env({**env, "EASYLAUNCH_INSTANCE_ROOT": player.root}),
-                    start_new_session=True,
-                )
-                log.close()
+                self.shutdowns[inst["_ident"]] = player.run_script("shutdown", attrs["shutdown-script"], env)
         print(f"cloudsim gcp: preempted {name} (gone in {window:g} s)", flush=True)
         return {"name": name, "gone_at": inst["_gone_at"]}
 
@@ -749,21 +727,18 @@ class GcpSim:
                 )
         return {"instances": out}
 
-    def control(self, method: str, path: str, headers: Dict[str, str]):
-        parts = urllib.parse.urlsplit(path)
-        query = dict(urllib.parse.parse_qsl(parts.query))
-        if parts.path == "/instances":
-            return json_answer(self.describe())
-        if parts.path == "/planted":
-            return json_answer({"token": self.token})
-        if parts.path == "/requests":
+    def planted(self) -> Dict[str, str]:
+        return {"token": self.token}
+
+    def command(self, method: str, path: str, query: Dict[str, str]) -> Optional[Answer]:
+        if path == "/requests":
             with self.lock:
                 return json_answer(self.requests)
-        if method == "POST" and parts.path == "/preempt":
+        if method == "POST" and path == "/preempt":
             return json_answer(self.preempt(query["name"], float(query.get("window", 30))))
-        if method == "POST" and parts.path == "/kill":
+        if method == "POST" and path == "/kill":
             return json_answer(self.kill(query["name"]))
-        if method == "POST" and parts.path == "/fail":
+        if method == "POST" and path == "/fail":
             with self.lock:
                 self.failures.append(
                     {
@@ -773,122 +748,61 @@ class GcpSim:
                     }
                 )
             return json_answer({"armed": len(self.failures)})
-        return text_answer("unknown control request", 404)
+        return None
 
-    def serve_compute(self) -> ThreadingHTTPServer:
-        sim = self
+    def _compute_answer(self, method: str, path: str, headers: Dict[str, str], body: bytes) -> Answer:
+        """A Compute API request; errors in Google's format (a cloudsim bug: a 500 the client sees)."""
+        try:
+            status, doc = self.compute(method, path, body)
+        except ApiError as err:
+            status, doc = err.code, err.body()
+        except Exception as exc:
+            status, doc = 500, ApiError(500, f"cloudsim: {type(exc).__name__}: {exc}", "backendError").body()
+        return status, json.dumps(doc).encode(), "application/json; charset=UTF-8"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                try:
-                    status, doc = sim.compute(self.command, self.path, body)
-                except ApiError as err:
-                    status, doc = err.code, err.body()
-                except Exception as exc:  # a cloudsim bug: the client sees a 500
-                    status, doc = (
-                        500,
-                        ApiError(500, f"cloudsim: {type(exc).__name__}: {exc}", "backendError").body(),
-                    )
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=UTF-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = do_PATCH = _any
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True, name="cloudsim-compute").start()
-        return server
-
-    def serve_storage(self) -> ThreadingHTTPServer:
+    def _storage_answer(self, method: str, path: str, headers: Dict[str, str], body: bytes) -> Answer:
         """A pass-through to the GCS emulator for the instances: gcp-storage-emulator drops the
         connection on an empty ``uploadType=media`` upload (real GCS stores an empty object), so
         such an upload is sent on as the equivalent ``multipart`` one."""
-        target = self.storage
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {
-                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
-                }
-                path = self.path
-                parts = urllib.parse.urlsplit(path)
-                query = dict(urllib.parse.parse_qsl(parts.query))
-                if self.command == "POST" and query.get("uploadType") == "media" and not body:
-                    boundary = "cloudsim-" + secrets.token_hex(8)
-                    meta = json.dumps({"name": query.get("name", "")})
-                    body = (
-                        f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n"
-                        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n\r\n--{boundary}--\r\n"
-                    ).encode()
-                    headers["Content-Type"] = f"multipart/related; boundary={boundary}"
-                    path = parts.path + "?" + urllib.parse.urlencode({"uploadType": "multipart"})
-                req = urllib.request.Request(
-                    target + path, data=body if body else None, method=self.command, headers=headers
-                )
-                try:
-                    with urllib.request.urlopen(req, timeout=120) as resp:
-                        status, data, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
-                except urllib.error.HTTPError as err:
-                    status, data, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
-                except OSError as exc:
-                    status, data, ctype = 503, str(exc).encode(), "text/plain"
-                self.send_response(status)
-                self.send_header("Content-Type", ctype or "application/octet-stream")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True, name="cloudsim-storage").start()
-        self.instance_storage = f"http://127.0.0.1:{server.server_address[1]}"
-        return server
-
-    def run(self, control_port: int = 0) -> int:
-        from .aws import _fixed_server
-
-        server = self.serve_compute()
-        storage = self.serve_storage()
-        control = (
-            MetadataServer(self.control) if not control_port else _fixed_server(self.control, control_port)
-        )
-        print(f"cloudsim gcp: control {control.url}", flush=True)
-        print(
-            f"cloudsim gcp: Compute endpoint http://127.0.0.1:{self.port} (GCP_COMPUTE_ENDPOINT), "
-            f"storage {self.storage}, runner {self.runner}",
-            flush=True,
+        headers = {k: v for k, v in headers.items() if k not in ("host", "content-length")}
+        parts = urllib.parse.urlsplit(path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        if method == "POST" and query.get("uploadType") == "media" and not body:
+            boundary = "cloudsim-" + secrets.token_hex(8)
+            meta = json.dumps({"name": query.get("name", "")})
+            body = (
+                f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n"
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n\r\n--{boundary}--\r\n"
+            ).encode()
+            headers["content-type"] = f"multipart/related; boundary={boundary}"
+            path = parts.path + "?" + urllib.parse.urlencode({"uploadType": "multipart"})
+        req = urllib.request.Request(
+            self.storage + path, data=body if body else None, method=method, headers=headers
         )
         try:
-            while not self.stopping:
-                try:
-                    self.step()
-                except Exception as exc:
-                    print(f"cloudsim gcp: step failed ({exc}); retrying", file=sys.stderr, flush=True)
-                time.sleep(self.interval)
-        finally:
-            server.shutdown()
-            storage.shutdown()
-            for player in self.players.values():
-                if player.alive():
-                    player.kill()
-            for meta in self.meta.values():
-                meta.close()
-        return 0
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                status, data, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as err:
+            status, data, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
+        except OSError as exc:
+            status, data, ctype = 503, str(exc).encode(), "text/plain"
+        return status, data, ctype or "application/octet-stream"
+
+    def serve(self) -> List[HttpServer]:
+        """The Compute endpoint on ``port``, and the instances' way to the GCS emulator."""
+        compute = HttpServer(self._compute_answer, self.port, "cloudsim-compute")
+        storage = HttpServer(self._storage_answer, 0, "cloudsim-storage")
+        self.instance_storage = storage.url
+        return [compute, storage]
+
+    def banner(self) -> str:
+        return (
+            f"Compute endpoint http://127.0.0.1:{self.port} (GCP_COMPUTE_ENDPOINT), "
+            f"storage {self.storage}, runner {self.runner}"
+        )
+
+    def shutdown(self) -> None:
+        for proc in self.shutdowns.values():
+            if proc.poll() is None:
+                proc.kill()
+        super().shutdown()

@@ -40,6 +40,9 @@ class Mode:
     waits_by_default: ClassVar[bool] = False
     #: seconds between polls while waiting
     poll_interval: ClassVar[float] = 1.0
+    #: a backend poll is followed by a pause of at least this many times the CPU time it took
+    #: (the runs on this machine need the CPU); smaller where the runs use other machines'
+    poll_spacing: ClassVar[float] = 20.0
     #: the backend may start a run while launch() is still writing payloads (Slurm submits
     #: first, so that each manifest is written once with its job id): payloads are then
     #: written atomically and the target waits for a missing one

@@ -18,8 +18,9 @@ does the rest, the same for both::
   creates the instance, tagged with the experiment, batch and runs. ``dry_run=True`` prints
   the instances, types, prices and the boot script and creates nothing (runs GENERATED).
 - On the instance :mod:`easylaunch.cloud_agent` runs the runs and syncs them to the bucket.
-- ``poll()`` is ONE describe of all instances and ONE listing of the experiment's objects for
-  all runs; changed objects come back into the local run directories (status last). A run
+- ``poll()`` is ONE describe of all instances (one per region / zone an experiment was
+  launched in) and, after it, ONE listing of the experiment's objects for all runs; changed
+  objects come back into the local run directories (status last). A run
   whose instance is gone without its record becomes PREEMPTED (the instance had a notice) or
   FAILED (killed without notice: its outputs are those of the last sync).
 - ``max_recoveries=K`` relaunches preempted runs on new instances (attempt+1 in the same run
@@ -57,6 +58,8 @@ from .base import Mode
 
 #: the hidden per-run file that remembers which bucket objects are already here
 FETCHED = ".cloud-fetched.json"
+#: the MD5 (and S3 ETag) of an empty object
+EMPTY_MD5 = hashlib.md5(b"").hexdigest()
 #: instance states after which nothing more will be written for its runs
 GONE = {
     "terminated",
@@ -194,6 +197,9 @@ class CloudMode(Mode):
 
     waits_by_default = True
     poll_interval = 2.0
+    #: the runs use the instances' CPUs, and a poll's CPU time is mostly the outputs it brought
+    #: back: at 20x, the poll that fetched a sweep's first results delayed the next by ~16 s (B8)
+    poll_spacing = 2.0
     fetches_outputs = True
     provider_class: type = Provider
     common_options = (
@@ -557,18 +563,17 @@ class CloudMode(Mode):
         recover: List[Job] = []
         for (_store, exp_key), members in by_exp.items():
             provider = self._provider_of(members[0])
-            resolved = members[0].manifest["backend"]["cloud"].get("resolved") or {}
             try:
+                # the instances first, then the bucket: an instance seen gone has written all
+                # it will write, so the listing that follows holds its runs' last records (the
+                # other order lists, sees the instance end, and fails a run that had completed)
+                states = self._describe(members) if live else {}
                 listing = provider.list(exp_key + "/")
                 self._stat("listings")
-                states: Dict[str, str] = {}
-                if live:
-                    ids = sorted({j.manifest["backend"]["instance_id"] for j in members})
-                    states = provider.describe(ids, resolved)
-                    self._stat("describes")
             except Exception as exc:
                 print(f"easylaunch: polling {self.name} failed ({exc}); will retry", file=sys.stderr)
                 continue
+            inst_states: Dict[str, Dict[str, Any]] = {}  # one read per gone instance per poll
             for job in members:
                 changed = self._fetch_run(provider, job, exp_key, listing)
                 state = transitions.current(job.run_dir)
@@ -582,7 +587,11 @@ class CloudMode(Mode):
                 ident = backend["instance_id"]
                 if states.get(ident, "missing") in GONE:
                     batch_key = backend["cloud"]["batch_key"]
-                    inst_state = self._instance_state(provider, batch_key, backend["instance"], listing)
+                    if ident not in inst_states:
+                        inst_states[ident] = self._instance_state(
+                            provider, batch_key, backend["instance"], listing
+                        )
+                    inst_state = inst_states[ident]
                     last = inst_state.get("last_sync")
                     when = time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"
                     if inst_state.get("notice"):
@@ -603,10 +612,31 @@ class CloudMode(Mode):
             self._auto_recover(recover, out)
         return out
 
+    def _describe(self, members: Sequence[Job]) -> Dict[str, str]:
+        """``instance id -> state`` of these runs' instances: ONE describe per place (provider
+        and region / zone) they were launched in, i.e. one for a sweep. Runs of an experiment
+        launched in two zones are described in both (one zone's listing says nothing of the
+        other's instances: they would look gone)."""
+        places: Dict[str, Tuple[Provider, Dict[str, Any], set]] = {}
+        for job in members:
+            backend = job.manifest["backend"]
+            resolved = backend["cloud"].get("resolved") or {}
+            provider = self._provider_of(job)
+            where = [id(provider)] + [resolved.get(k) for k in ("project", "region", "zone")]
+            place = places.setdefault(json.dumps(where, default=str), (provider, resolved, set()))
+            place[2].add(backend["instance_id"])
+        states: Dict[str, str] = {}
+        for provider, resolved, ids in places.values():
+            states.update(provider.describe(sorted(ids), resolved))
+            self._stat("describes")
+        return states
+
     def _instance_state(
         self, provider: Provider, batch_key: str, index: int, listing: Dict[str, Tuple[int, str]]
     ) -> Dict[str, Any]:
         key = f"{batch_key}/instance-{index}.state.json"
+        if key not in listing:
+            return {}  # the instance never wrote one (listed after it was gone)
         try:
             return json.loads(provider.get(key))
         except Exception:
@@ -627,15 +657,18 @@ class CloudMode(Mode):
         todo = [t for t in todo if t[0] not in (records.CANCEL_MARK,)]
         todo.sort(key=lambda t: t[0] == records.STATUS)
         status_changed = False
-        for rel, (_size, md5) in todo:
+        for rel, (size, md5) in todo:
             parts = rel.split("/")
             if not rel or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
                 continue
-            try:
-                data = provider.get(prefix + rel)
-            except Exception:
-                continue
-            self._stat("object_gets")
+            if size == 0 and md5 in ("", EMPTY_MD5):
+                data = b""  # the listing said it all (the empty logs of a quiet run): no GET
+            else:
+                try:
+                    data = provider.get(prefix + rel)
+                except Exception:
+                    continue
+                self._stat("object_gets")
             if md5 and len(md5) == 32 and hashlib.md5(data).hexdigest() != md5:
                 continue  # changed while it was read: next poll
             local = job.run_dir.joinpath(*parts)
