@@ -60,14 +60,13 @@ from .base import Mode
 FETCHED = ".cloud-fetched.json"
 #: the MD5 (and S3 ETag) of an empty object
 EMPTY_MD5 = hashlib.md5(b"").hexdigest()
-#: instance states after which nothing more will be written for its runs
+#: instance states after which nothing more will be written for its runs (not the transitional
+#: ones: a GCE instance runs its shutdown script, which syncs, while STOPPING; an EC2 one may
+#: still be finishing its final sync while shutting-down / stopping)
 GONE = {
     "terminated",
-    "shutting-down",
     "stopped",
-    "stopping",
     "TERMINATED",
-    "STOPPING",
     "STOPPED",
     "SUSPENDED",
     "missing",
