@@ -203,6 +203,13 @@ class CloudMode(Mode):
         Option("max_parallel", (int,), None, "runs at once on each instance (default 1)", 1),
         Option("sync_interval", (int, float), 15, "seconds between syncs of the outputs to the bucket", 1),
         Option(
+            "final_sync_timeout",
+            (int, float),
+            600,
+            "seconds the instance keeps retrying its final sync when the bucket does not take it",
+            1,
+        ),
+        Option(
             "docker_image",
             (str,),
             None,
@@ -340,6 +347,9 @@ class CloudMode(Mode):
                     "docker",
                     "terminate",
                     "notice_wait",
+                    "notice_window",
+                    "notice_margin",
+                    "final_sync_timeout",
                 )
                 if k in common
             },
@@ -415,6 +425,9 @@ class CloudMode(Mode):
             "docker": docker,
             "terminate": batch.options.get("terminate", True) is not False,
             "notice_wait": resolved.get("notice_wait", 90 if provider.name == "aws" else 20),
+            "notice_window": resolved.get("notice_window", 120 if provider.name == "aws" else 30),
+            "notice_margin": resolved.get("notice_margin", 5),
+            "final_sync_timeout": float(batch.options.get("final_sync_timeout") or 600),
             "batch_key": provider.key(f"{batch.exp_name}/.batches/{batch.batch_id}"),
             "exp_key": provider.key(batch.exp_name),
             "resolved": {k: v for k, v in resolved.items() if k != "docker_options"},
@@ -624,19 +637,25 @@ class CloudMode(Mode):
             for k, v in listing.items()
             if k.startswith(prefix) and fetched.get(k[len(prefix) :]) != v[1]
         ]
-        todo = [t for t in todo if t[0] not in (records.CANCEL_MARK,)]
+        # the launcher's own: the manifest (an instance's copy lacks the instance id), the marks
+        todo = [t for t in todo if t[0] not in (records.CANCEL_MARK, records.MANIFEST)]
         todo.sort(key=lambda t: t[0] == records.STATUS)
         status_changed = False
+        missed = False
         for rel, (_size, md5) in todo:
             parts = rel.split("/")
             if not rel or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
                 continue
+            if rel == records.STATUS and missed:
+                break  # status last here too: not before the objects it describes
             try:
                 data = provider.get(prefix + rel)
             except Exception:
+                missed = True
                 continue
             self._stat("object_gets")
             if md5 and len(md5) == 32 and hashlib.md5(data).hexdigest() != md5:
+                missed = True
                 continue  # changed while it was read: next poll
             local = job.run_dir.joinpath(*parts)
             if rel == records.STATUS:

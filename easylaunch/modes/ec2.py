@@ -232,6 +232,7 @@ class Ec2Provider(Provider):
             "security_group_ids": list(settings.get("AWS_SECURITY_GROUP_IDS") or []),
             "key_name": settings.get("AWS_KEY_NAME"),
             "notice_wait": 90,
+            "notice_window": 120,  # a spot interruption notice: 2 minutes
         }
 
     def create(self, name: str, script: str, tags: Dict[str, str], resolved: Dict[str, Any]) -> str:

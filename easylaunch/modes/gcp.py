@@ -450,6 +450,7 @@ class GcpProvider(Provider):
             ),
             "network": str(kw.get("network") or "global/networks/default"),
             "notice_wait": 20,
+            "notice_window": 30,  # a preemption notice: 30 s
         }
 
     def body(self, name: str, script: str, tags: Dict[str, str], resolved: Dict[str, Any]) -> Dict[str, Any]:
