@@ -71,6 +71,15 @@ GONE = {
 }
 
 
+#: instance states after which its processes are gone (not going): nothing more can come
+ENDED = {"terminated", "stopped", "TERMINATED", "SUSPENDED", "missing"}
+
+
+def final_sync_done(inst_state: Dict[str, Any]) -> bool:
+    """The instance's record says its final sync (at the end, or on a notice) is over."""
+    return bool((inst_state.get("final_sync") or {}).get("done"))
+
+
 class CloudError(RuntimeError):
     """The cloud refused something or is misconfigured; the message names it and the fix."""
 
@@ -488,19 +497,19 @@ class CloudMode(Mode):
                     )
         except BaseException as exc:
             # nothing half-made: instances created so far end, their objects go (code stays)
+            prefixes = [common["batch_key"] + "/"]
+            prefixes += [f"{common['exp_key']}/{run.name}/" for run in batch.runs]
             if created:
                 try:
                     provider.terminate(created, plan.resolved)
                     # an instance that booted may still write (its state object): wait until
-                    # it is gone, then take what it wrote too
+                    # it has ended (not only going), then take what it wrote too
                     deadline = time.monotonic() + 60
                     while time.monotonic() < deadline:
                         states = provider.describe(created, plan.resolved)
-                        if all(v in GONE for v in states.values()):
+                        if all(v in ENDED for v in states.values()):
                             break
                         time.sleep(1)
-                    prefixes = [common["batch_key"] + "/"]
-                    prefixes += [f"{common['exp_key']}/{run.name}/" for run in batch.runs]
                     for prefix in prefixes:
                         put_keys.extend(provider.list(prefix))
                 except Exception:
@@ -510,6 +519,19 @@ class CloudMode(Mode):
                     provider.delete(key)
                 except Exception:
                     pass
+            if created:
+                # a PUT the instance sent as it ended may land after that listing: look again
+                # until two looks a second apart find nothing (at most 10 s)
+                quiet, deadline = 0, time.monotonic() + 10
+                while quiet < 2 and time.monotonic() < deadline:
+                    time.sleep(1)
+                    try:
+                        late = [k for prefix in prefixes for k in provider.list(prefix)]
+                        for key in late:
+                            provider.delete(key)
+                    except Exception:
+                        late = []
+                    quiet = 0 if late else quiet + 1
             batch.started = False
             if isinstance(exc, CloudError):
                 raise
