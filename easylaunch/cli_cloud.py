@@ -8,7 +8,9 @@ Instances are found by their tags/labels (``easylaunch=1``, ``easylaunch-exp``),
 call. ``--terminate`` spares an instance whose runs are still unfinished in the local log dir
 (it is working, not a stray) unless ``--force``. ``recover`` needs only the run directories:
 each PREEMPTED run goes back to PENDING and runs again (attempt+1) from the payload its
-instance last synced, a checkpoint when the function saved one.
+instance last synced, a checkpoint when the function saved one. A run whose
+instance had a notice and is still syncing in its notice window is waited for (up to
+``--timeout``): relaunched earlier, it would start again from the older payload.
 """
 
 from __future__ import annotations
@@ -100,23 +102,36 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from .job import find_runs
-    from .modes.cloud import recover
+    from .modes.cloud import recover_when_ready
 
     exp_dir = _root(args) / args.exp
     runs = find_runs(exp_dir)
     if not runs:
         raise FileNotFoundError(f"no runs of experiment {args.exp!r} under {exp_dir.parent}")
-    preempted = [d for d in runs if records.read_status(d).get("state") == State.PREEMPTED]
-    if not preempted:
+    if args.timeout < 0:
+        raise ValueError(f"--timeout {args.timeout:g}: give the seconds to wait, 0 or more")
+    candidates = []
+    for d in runs:
+        m = records.read_manifest(d) or {}
+        state = records.read_status(d).get("state", State.PENDING)
+        if m.get("mode") in CLOUD_MODES and (state == State.PREEMPTED or State(state) not in TERMINAL_STATES):
+            candidates.append(d)
+    done, waiting = recover_when_ready(
+        candidates, timeout=args.timeout, say=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    if not done and not waiting:
         print(f"easylaunch: no PREEMPTED run in {exp_dir}; nothing to recover")
         return 0
-    done = recover(preempted)
     for d in done:
         print(f"relaunched {d.name} (attempt {int(records.read_status(d).get('attempt') or 0) + 1})")
-    if len(done) < len(preempted):
-        print(f"easylaunch: {len(preempted) - len(done)} PREEMPTED run(s) not relaunched", file=sys.stderr)
-        return 1
-    return 0
+    for d, why in waiting.items():
+        print(
+            f"easylaunch: {d.name} not relaunched: {why}, after {args.timeout:g} s (--timeout). Its "
+            f"instance is still syncing the run's checkpoint; run `easylaunch recover {args.exp}` again "
+            "later or with a longer --timeout",
+            file=sys.stderr,
+        )
+    return 1 if waiting else 0
 
 
 def register(sub: Any) -> None:
@@ -132,4 +147,10 @@ def register(sub: Any) -> None:
     c.set_defaults(func=cmd_cleanup)
     r = sub.add_parser("recover", help="relaunch an experiment's PREEMPTED cloud runs on new instances")
     r.add_argument("exp")
+    r.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for an instance still syncing in its notice window (default 300; 0: do not wait)",
+    )
     r.set_defaults(func=cmd_recover)

@@ -24,7 +24,8 @@ does the rest, the same for both::
   FAILED (killed without notice: its outputs are those of the last sync).
 - ``max_recoveries=K`` relaunches preempted runs on new instances (attempt+1 in the same run
   directory, resuming from the checkpoint payload the instance synced); :func:`recover` does
-  the same later from the run directories alone (``easylaunch recover EXP``).
+  the same later from the run directories alone (``easylaunch recover EXP``), and
+  :func:`recover_when_ready` first waits for an instance still syncing in its notice window.
 """
 
 from __future__ import annotations
@@ -621,11 +622,9 @@ class CloudMode(Mode):
                     last = inst_state.get("last_sync")
                     when = time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"
                     if inst_state.get("notice"):
-                        out[job.run_dir] = transitions.settle(
-                            job.run_dir,
-                            State.PREEMPTED,
-                            f"instance {ident} was reclaimed after a notice; outputs as of its last sync ({when})",
-                        )
+                        if states.get(ident, "missing") not in ENDED and not final_sync_done(inst_state):
+                            continue  # going (GCE: STOPPING) and still syncing in its notice window
+                        out[job.run_dir] = _reclaimed(job.run_dir, ident, inst_state)
                         recover.append(job)
                     else:
                         out[job.run_dir] = transitions.backend_ended(
@@ -779,6 +778,120 @@ class CloudMode(Mode):
 
     def cleanup(self, jobs: Sequence[Job]) -> None:
         """Nothing is held locally; instances end themselves (``easylaunch cloud cleanup`` finds strays)."""
+
+
+def _reclaimed(run_dir: Path, ident: str, inst_state: Dict[str, Any]) -> State:
+    """The launcher's record of a run whose instance had a notice and is gone (or done syncing)
+    without the run's own PREEMPTED."""
+    last = inst_state.get("last_sync")
+    when = time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"
+    return transitions.settle(
+        run_dir,
+        State.PREEMPTED,
+        f"instance {ident} was reclaimed after a notice; outputs as of its last sync ({when})",
+    )
+
+
+def _recoverable(mode: CloudMode, dirs: List[Path]) -> Dict[Path, str]:
+    """One look at these runs (one listing + one describe per experiment): ``run -> ""`` for a
+    PREEMPTED run that may be relaunched now, ``run -> why`` for one to wait for (its instance
+    had a notice and is still syncing in its window); runs that are neither are left out.
+
+    Ready: the run's own PREEMPTED came from its instance's notice sync (written after its
+    other objects, the checkpoint among them, which is here), or the instance's record says
+    its final sync is over, or the instance has ended (nothing more can come)."""
+    out: Dict[Path, str] = {}
+    by_exp: Dict[Tuple[str, str], List[Path]] = {}
+    for d in dirs:
+        backend = (records.read_manifest(d) or {}).get("backend") or {}
+        if "instance_id" in backend:
+            by_exp.setdefault((backend["cloud"]["store"], backend["cloud"]["exp_key"]), []).append(d)
+    for (_store, exp_key), members in by_exp.items():
+        manifest = records.read_manifest(members[0])
+        provider = mode.provider(dict(manifest.get("options") or {}))
+        resolved = manifest["backend"]["cloud"].get("resolved") or {}
+        listing = provider.list(exp_key + "/")
+        backends = {d: records.read_manifest(d)["backend"] for d in members}
+        states = provider.describe(sorted({b["instance_id"] for b in backends.values()}), resolved)
+        for d in members:
+            backend = backends[d]
+            ident = backend["instance_id"]
+            if transitions.current(d) in TERMINAL_STATES - {State.PREEMPTED}:
+                continue
+            mode._fetch_run(provider, _DirRun(d), exp_key, listing)  # type: ignore[arg-type]
+            status = records.read_status(d)
+            state = transitions.current(d)
+            if state in TERMINAL_STATES and state != State.PREEMPTED:
+                continue
+            inst_state = mode._instance_state(
+                provider, backend["cloud"]["batch_key"], backend["instance"], listing
+            )
+            there = states.get(ident, "missing")
+            ended, synced = there in ENDED, final_sync_done(inst_state)
+            if state != State.PREEMPTED:
+                if not inst_state.get("notice"):
+                    continue  # working: nothing to recover
+                if ended or synced:
+                    _reclaimed(d, ident, inst_state)
+                    out[d] = ""
+                    continue
+            elif ended or synced:
+                out[d] = ""
+                continue
+            elif (status.get("notice_sync") or {}).get("attempt") == status.get("attempt"):
+                # the instance's own PREEMPTED of this attempt, synced after the run's other objects
+                saved = d / f"payload.attempt{int(status.get('attempt') or 1)}.pkl"
+                if not status["notice_sync"].get("checkpoint") or saved.exists():
+                    out[d] = ""
+                    continue
+            since = time.time() - float(inst_state.get("notice") or time.time())
+            out[d] = (
+                f"instance {ident} ({there}) had a notice {since:.0f} s ago and is still syncing in its "
+                "notice window"
+            )
+    return out
+
+
+def recover_when_ready(
+    run_dirs: Sequence[Path],
+    timeout: float = 300.0,
+    say: Any = None,
+    interval: float = 2.0,
+) -> Tuple[List[Path], Dict[Path, str]]:
+    """Relaunch the PREEMPTED runs among ``run_dirs``, and those whose instance had a notice,
+    once each may be (see :func:`_recoverable`): while an instance is still in its notice
+    window, the payload here is not yet the checkpoint it is syncing. Waits up to ``timeout``
+    seconds, ``say(line)`` every few seconds meanwhile. Returns ``(relaunched, {run: why not})``."""
+    from ..config import load_settings
+    from . import get_mode_class
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    by_mode: Dict[str, List[Path]] = {}
+    for d in map(Path, run_dirs):
+        m = records.read_manifest(d) or {}
+        if "instance_id" in (m.get("backend") or {}):
+            by_mode.setdefault(m["mode"], []).append(d)
+    t0 = time.monotonic()
+    looks: Dict[Path, str] = {}
+    said = -1e9
+    while True:
+        looks = {}
+        for name, dirs in by_mode.items():
+            looks.update(_recoverable(get_mode_class(name)(load_settings()), dirs))
+        waiting = {d: why for d, why in looks.items() if why}
+        spent = time.monotonic() - t0
+        if not waiting or spent >= timeout:
+            break
+        if spent - said >= 5 or said < 0:
+            first = next(iter(waiting.items()))
+            say(
+                f"easylaunch recover: waiting for {len(waiting)} run(s) before relaunching them: "
+                f"{first[0].name}: {first[1]} ({spent:.0f} s of --timeout {timeout:.0f} s)"
+            )
+            said = spent
+        time.sleep(min(interval, max(0.1, timeout - spent)))
+    ready = [d for d, why in looks.items() if not why]
+    return recover(ready), {d: why for d, why in looks.items() if why}
 
 
 def recover(run_dirs: Sequence[Path], mode: Optional[CloudMode] = None) -> List[Path]:
