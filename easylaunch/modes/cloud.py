@@ -194,6 +194,19 @@ class Provider:
         """Lines for a dry run: types, spot prices, cost per hour where the API gives it."""
         return []
 
+    # the place strays are looked for (``easylaunch cloud cleanup``)
+    @classmethod
+    def with_location(
+        cls, options: Dict[str, Any], region: Optional[str] = None, zone: Optional[str] = None
+    ) -> Dict[str, Any]:
+        """``options`` pointed at the CLI's ``--region`` / ``--zone``; ValueError naming the
+        option this cloud has when it is given the other one."""
+        raise NotImplementedError
+
+    def location(self) -> str:
+        """Where :meth:`strays` looks (for messages), e.g. ``region us-east-1``."""
+        raise NotImplementedError
+
 
 def _safe_name(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:limit] or "x"

@@ -322,6 +322,20 @@ class Ec2Provider(Provider):
                     )
         return out
 
+    @classmethod
+    def with_location(
+        cls, options: Dict[str, Any], region: Optional[str] = None, zone: Optional[str] = None
+    ) -> Dict[str, Any]:
+        if zone:
+            raise ValueError(
+                f"--zone {zone!r} is an option of --mode gcp (a Compute Engine zone); EC2 instances are "
+                "listed per region: pass --region REGION (default: config AWS_REGION)"
+            )
+        return {**options, "region": region} if region else dict(options)
+
+    def location(self) -> str:
+        return f"region {self.region}"
+
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:
         lines = [
             f"  region {resolved['region']}, AMI {resolved['image_id']}, type {resolved['instance_type']}, "

@@ -599,6 +599,22 @@ class GcpProvider(Provider):
             )
         return out
 
+    @classmethod
+    def with_location(
+        cls, options: Dict[str, Any], region: Optional[str] = None, zone: Optional[str] = None
+    ) -> Dict[str, Any]:
+        if region:
+            raise ValueError(
+                f"--region {region!r} is an option of --mode ec2; Compute Engine instances are listed per "
+                "zone: pass --zone ZONE (default: GCP_DEFAULT_KWARGS['zone'] / gcp_kwargs of the launch)"
+            )
+        if not zone:
+            return dict(options)
+        return {**options, "gcp_kwargs": {**dict(options.get("gcp_kwargs") or {}), "zone": zone}}
+
+    def location(self) -> str:
+        return f"project {self.project()}, zone {self.zone()}"
+
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:
         gpus = ", ".join(
             f"{a['count']} x {a['type'].rsplit('/', 1)[-1]}" for a in resolved.get("accelerators") or []
