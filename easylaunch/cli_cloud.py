@@ -72,6 +72,9 @@ def _cleanup_places(args: argparse.Namespace, root: Path) -> List[Tuple[str, Dic
             m = records.read_manifest(d) or {}
             if m.get("mode") in CLOUD_MODES and (not args.mode or m["mode"] == args.mode):
                 launched.append((m["mode"], dict(m.get("options") or {})))
+    import json
+
+    launched = list({json.dumps(p, sort_keys=True, default=str): p for p in launched}.values())
     modes = [args.mode] if args.mode else sorted({name for name, _ in launched}) or ["ec2"]
     places = []
     for name in modes:
@@ -94,8 +97,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     looked: List[str] = []
     modes_seen: List[str] = []
     seen = set()
+    modes: Dict[str, Any] = {}
     for name, options in _cleanup_places(args, root):
-        provider = _cloud_mode(name).provider(options)
+        if name not in modes:
+            modes[name] = _cloud_mode(name)
+        provider = modes[name].provider(options)
         where = f"{name} {provider.location()}"
         if where in looked:
             continue

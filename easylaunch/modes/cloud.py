@@ -884,13 +884,14 @@ def recover_when_ready(
         m = records.read_manifest(d) or {}
         if "instance_id" in (m.get("backend") or {}):
             by_mode.setdefault(m["mode"], []).append(d)
+    modes = {name: get_mode_class(name)(load_settings()) for name in by_mode}
     t0 = time.monotonic()
     looks: Dict[Path, str] = {}
     said = -1e9
     while True:
         looks = {}
         for name, dirs in by_mode.items():
-            looks.update(_recoverable(get_mode_class(name)(load_settings()), dirs))
+            looks.update(_recoverable(modes[name], dirs))
         waiting = {d: why for d, why in looks.items() if why}
         spent = time.monotonic() - t0
         if not waiting or spent >= timeout:
@@ -904,7 +905,10 @@ def recover_when_ready(
             said = spent
         time.sleep(min(interval, max(0.1, timeout - spent)))
     ready = [d for d, why in looks.items() if not why]
-    return recover(ready), {d: why for d, why in looks.items() if why}
+    done: List[Path] = []
+    for name, dirs in by_mode.items():
+        done += recover([d for d in ready if d in dirs], modes[name])
+    return done, {d: why for d, why in looks.items() if why}
 
 
 def recover(run_dirs: Sequence[Path], mode: Optional[CloudMode] = None) -> List[Path]:
