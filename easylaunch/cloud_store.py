@@ -15,15 +15,19 @@ Endpoints follow the SDKs: ``$AWS_ENDPOINT_URL`` (path-style addressing then), e
 region's; the metadata address is ``$EASYLAUNCH_METADATA_URL``, else the real one.
 
 Every request is retried with backoff on connection errors, 5xx and 429 (a storage endpoint
-restarting during an upload), up to ``RETRY_SECONDS``.
+restarting during an upload), up to ``RETRY_SECONDS``; a store's :meth:`Store.bounded` narrows
+that for a while (the instance agent's final sync retries whole passes itself, each logged, and
+must end inside a spot notice window).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import time
@@ -31,7 +35,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 AWS_METADATA = "http://169.254.169.254"
 GCP_METADATA = "http://metadata.google.internal"
@@ -63,36 +67,48 @@ def request(
     retry: bool = True,
     sign: Optional[Callable[[str, str, Dict[str, str], bytes], Dict[str, str]]] = None,
     timeout: float = TIMEOUT,
+    retry_for: Optional[float] = None,
+    deadline: Optional[float] = None,
 ) -> Tuple[int, bytes, Dict[str, str]]:
     """One HTTP request, retried on no answer / 5xx / 429; ``(status, body, headers)``.
 
+    Retried for ``retry_for`` seconds (default ``RETRY_SECONDS``, 0 without ``retry``), never
+    past ``deadline`` (a :func:`time.monotonic` time), which also shortens the socket timeout.
     A status outside ``ok`` that is not retried raises :class:`StoreError`. ``sign`` adds
     authorization headers (called again on each attempt: signatures carry the time)."""
-    deadline = time.monotonic() + (RETRY_SECONDS if retry else 0)
+    start = time.monotonic()
+    give_up = start + (retry_for if retry_for is not None else (RETRY_SECONDS if retry else 0))
+    if deadline is not None:
+        give_up = min(give_up, deadline)
     delay = 0.2
     while True:
         hdrs = dict(headers or {})
         if sign is not None:
             hdrs = sign(method, url, hdrs, data or b"")
         req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+        wait = timeout if deadline is None else max(2.0, min(timeout, deadline - time.monotonic()))
         status, body, answer = 0, b"", {}
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=wait) as resp:
                 status, body, answer = resp.status, resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as err:
-            status, body, answer = err.code, err.read(), dict(err.headers or {})
-        except (urllib.error.URLError, OSError) as err:
-            if time.monotonic() > deadline:
-                raise StoreError(f"{method} {url}: no answer ({err})") from None
-        else:
-            pass
+            try:
+                status, body, answer = err.code, err.read(), dict(err.headers or {})
+            except (OSError, http.client.HTTPException):
+                status, body, answer = err.code, b"", {}
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            # no answer, or half of one (an endpoint that died mid-response)
+            if time.monotonic() >= give_up:
+                raise StoreError(f"{method} {url}: no answer ({type(err).__name__}: {err})") from None
         if status in ok:
             return status, body, answer
         if status and not (status >= 500 or status == 429):
             raise StoreError(f"{method} {url}: HTTP {status}: {body[:300]!r}", status, body)
-        if time.monotonic() > deadline:
-            raise StoreError(f"{method} {url}: HTTP {status} until giving up", status, body)
-        time.sleep(delay)
+        if time.monotonic() >= give_up:
+            if status:
+                raise StoreError(f"{method} {url}: HTTP {status} until giving up", status, body)
+            raise StoreError(f"{method} {url}: no answer until giving up")
+        time.sleep(max(0.0, min(delay, give_up - time.monotonic())))
         delay = min(delay * 2, 5.0)
 
 
@@ -218,6 +234,22 @@ class Store:
     """A bucket under a prefix: keys are relative to the prefix."""
 
     url: str = ""
+    #: while set by :meth:`bounded`: ``(retry_for, deadline)`` of every request
+    limits: Tuple[Optional[float], Optional[float]] = (None, None)
+
+    @contextlib.contextmanager
+    def bounded(self, retry_for: Optional[float] = None, deadline: Optional[float] = None) -> Iterator[None]:
+        """Within: each request is retried for ``retry_for`` seconds at most (0: tried once) and
+        none outlives ``deadline`` (:func:`time.monotonic`)."""
+        before = self.limits
+        self.limits = (retry_for, deadline)
+        try:
+            yield
+        finally:
+            self.limits = before
+
+    def _limits(self) -> Dict[str, Optional[float]]:
+        return {"retry_for": self.limits[0], "deadline": self.limits[1]}
 
     def get(self, key: str) -> bytes:
         raise NotImplementedError
@@ -254,7 +286,7 @@ class S3Store(Store):
         return f"{self.base}/{urllib.parse.quote(self._key(key), safe='/-_.~')}"
 
     def get(self, key: str) -> bytes:
-        return request("GET", self._url(key), sign=self.sign)[1]
+        return request("GET", self._url(key), sign=self.sign, **self._limits())[1]
 
     def put(self, key: str, data: bytes) -> str:
         md5 = hashlib.md5(data)
@@ -262,7 +294,9 @@ class S3Store(Store):
             "Content-MD5": base64.b64encode(md5.digest()).decode(),
             "Content-Type": "application/octet-stream",
         }
-        _, _, answer = request("PUT", self._url(key), data=data, headers=headers, sign=self.sign)
+        _, _, answer = request(
+            "PUT", self._url(key), data=data, headers=headers, sign=self.sign, **self._limits()
+        )
         etag = {k.lower(): v for k, v in answer.items()}.get("etag", "").strip('"')
         if etag and etag != md5.hexdigest():
             raise StoreError(f"PUT {self._key(key)}: the stored checksum {etag} is not {md5.hexdigest()}")
@@ -277,8 +311,13 @@ class S3Store(Store):
             query = {"list-type": "2", "prefix": full}
             if token:
                 query["continuation-token"] = token
-            _, body, _ = request("GET", f"{self.base}?{urllib.parse.urlencode(query)}", sign=self.sign)
-            root = ET.fromstring(body)
+            _, body, _ = request(
+                "GET", f"{self.base}?{urllib.parse.urlencode(query)}", sign=self.sign, **self._limits()
+            )
+            try:
+                root = ET.fromstring(body)
+            except ET.ParseError as err:
+                raise StoreError(f"listing {full!r}: an answer that is not XML ({err})") from None
             strip = len(self.prefix) + 1 if self.prefix else 0
             for item in root.iter(f"{ns}Contents"):
                 name = item.findtext(f"{ns}Key") or ""
@@ -289,7 +328,7 @@ class S3Store(Store):
                 return out
 
     def delete(self, key: str) -> None:
-        request("DELETE", self._url(key), sign=self.sign, ok=(200, 204, 404))
+        request("DELETE", self._url(key), sign=self.sign, ok=(200, 204, 404), **self._limits())
 
 
 def ec2_terminate(instance_id: str, region: str, credentials: Optional[AwsCredentials] = None) -> None:
@@ -367,16 +406,15 @@ class GcsStore(Store):
         return f"{self.host}/storage/v1/b/{self.bucket}/o/{name}"
 
     def get(self, key: str) -> bytes:
-        return request("GET", self._object(key) + "?alt=media", headers=self._headers())[1]
+        return request("GET", self._object(key) + "?alt=media", headers=self._headers(), **self._limits())[1]
 
     def put(self, key: str, data: bytes) -> str:
         md5 = hashlib.md5(data)
         query = urllib.parse.urlencode({"uploadType": "media", "name": self._key(key)})
         headers = {**self._headers(), "Content-Type": "application/octet-stream"}
-        _, body, _ = request(
-            "POST", f"{self.host}/upload/storage/v1/b/{self.bucket}/o?{query}", data=data, headers=headers
-        )
-        stored = json.loads(body or b"{}").get("md5Hash")
+        url = f"{self.host}/upload/storage/v1/b/{self.bucket}/o?{query}"
+        _, body, _ = request("POST", url, data=data, headers=headers, **self._limits())
+        stored = _json_doc(body, url).get("md5Hash")
         if stored and base64.b64decode(stored).hex() != md5.hexdigest():
             raise StoreError(f"upload of {self._key(key)}: the stored checksum does not match")
         return md5.hexdigest()
@@ -390,7 +428,7 @@ class GcsStore(Store):
             if token:
                 query["pageToken"] = token
             url = f"{self.host}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(query)}"
-            doc = json.loads(request("GET", url, headers=self._headers())[1] or b"{}")
+            doc = _json_doc(request("GET", url, headers=self._headers(), **self._limits())[1], url)
             for item in doc.get("items") or []:
                 md5 = item.get("md5Hash")
                 out[item["name"][strip:]] = (
@@ -402,7 +440,16 @@ class GcsStore(Store):
                 return out
 
     def delete(self, key: str) -> None:
-        request("DELETE", self._object(key), headers=self._headers(), ok=(200, 204, 404))
+        request("DELETE", self._object(key), headers=self._headers(), ok=(200, 204, 404), **self._limits())
+
+
+def _json_doc(body: bytes, what: str) -> Dict:
+    """A JSON answer; a broken one (an endpoint that died mid-answer) is a StoreError."""
+    try:
+        doc = json.loads(body or b"{}")
+    except ValueError as err:
+        raise StoreError(f"{what}: an answer that is not JSON ({err})") from None
+    return doc if isinstance(doc, dict) else {}
 
 
 def gce_delete(

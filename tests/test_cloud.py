@@ -5,24 +5,34 @@ interruptions / kills are delivered through cloudsim's control endpoint."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cloudpickle
 import pytest
-from cloudsim_fixtures import LAUNCHER_KEY, LAUNCHER_SECRET, aws, aws_cloud  # noqa: F401 (fixtures)
+from cloudsim_fixtures import (  # noqa: F401 (fixtures)
+    DROP,
+    LAUNCHER_KEY,
+    LAUNCHER_SECRET,
+    FaultProxy,
+    Resumable,
+    aws,
+    aws_cloud,
+    aws_refusing,
+    aws_refusing_cloud,
+    slow,
+    wait_synced,
+)
 from conftest import require_service, wait_for
 
 import easylaunch
-from easylaunch import State
+from easylaunch import State, cloud_store
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -39,37 +49,82 @@ def train(doodad_config, variant):
     return variant["lr"] * 2
 
 
-def slow(doodad_config, variant):
-    """Writes progress, then runs until stopped; resumes from its checkpoint when it has one."""
-    import os
-    import time
-
-    start = variant.get("resume_from", 0)
-    with open(os.path.join(doodad_config.base_log_dir, "progress.txt"), "a") as f:
-        f.write(f"start {start}\n")
-    for step in range(start, start + variant.get("steps", 10**6)):
-        with open(os.path.join(doodad_config.base_log_dir, "step.txt"), "w") as f:
-            f.write(str(step))
-        time.sleep(0.1)
-    return "done"
+# -- the instance agent's final sync against a flaky store (no services) ------------------------
 
 
-class Resumable:
-    """A function with doodad/submitit's checkpoint hook: resume where the last step was."""
+class FlakyStore(cloud_store.Store):
+    """An in-memory bucket whose first ``refuse`` PUTs get no answer and which loses the first
+    copy of each key in ``lose`` (stored, then gone: an endpoint restarted without it)."""
 
-    def __call__(self, doodad_config, variant):
-        return slow(doodad_config, variant)
+    def __init__(self, refuse=0, lose=()):
+        self.objects, self.puts, self.refuse, self.lose = {}, [], refuse, set(lose)
 
-    def checkpoint(self, doodad_config, variant):
-        import os
+    def put(self, key, data):
+        if self.refuse > 0:
+            self.refuse -= 1
+            raise cloud_store.StoreError(f"PUT {key}: no answer (ConnectionRefusedError)")
+        self.puts.append(key)
+        if key in self.lose:
+            self.lose.discard(key)
+        else:
+            self.objects[key] = data
+        return hashlib.md5(data).hexdigest()
 
-        step = int(open(os.path.join(doodad_config.base_log_dir, "step.txt")).read())
-        resumed = dict(variant, resume_from=step, steps=5)
+    def list(self, prefix=""):
+        return {
+            k: (len(v), hashlib.md5(v).hexdigest()) for k, v in self.objects.items() if k.startswith(prefix)
+        }
 
-        def resume(dc, _v, _variant=resumed):
-            return slow(dc, _variant)
 
-        return resume
+def _instance_root(tmp_path):
+    root = tmp_path / "instance"
+    for run in ("run-a", "run-b"):
+        d = root / "exp" / run
+        (d / "deep").mkdir(parents=True)
+        (d / "out.txt").write_text(run)
+        (d / "deep" / "w.bin").write_bytes(os.urandom(2048))
+        (d / "status.json").write_text('{"state": "COMPLETED"}')
+    return root
+
+
+def test_final_sync_retries_until_all_is_there_status_last(tmp_path, capsys):
+    from easylaunch import cloud_agent
+
+    root = _instance_root(tmp_path)
+    store = FlakyStore(refuse=3, lose={"el/exp/run-a/deep/w.bin"})
+    syncer = cloud_agent.Syncer(store, str(root), "exp", ["run-a", "run-b"], "el/exp")
+    records = []
+    t0 = time.monotonic()
+    ok = cloud_agent.sync_until(syncer, time.monotonic() + 30, "end of the runs", records.append)
+    assert ok and len(records) == 1  # the instance record once, after everything
+    for run in ("run-a", "run-b"):
+        for rel in ("out.txt", "deep/w.bin", "status.json"):
+            assert store.objects[f"el/exp/{run}/{rel}"] == (root / "exp" / run / rel).read_bytes()
+        # the status after every other object of its run, also when one had to go again
+        mine = [i for i, k in enumerate(store.puts) if k.startswith(f"el/exp/{run}/")]
+        last_status = max(i for i in mine if store.puts[i].endswith("/status.json"))
+        assert last_status == max(mine), store.puts
+    assert store.puts.count("el/exp/run-a/deep/w.bin") == 2  # lost once, checked, sent again
+    assert store.puts.count("el/exp/run-a/status.json") == 2
+    err = capsys.readouterr().err
+    assert "final sync (end of the runs): attempt 1 failed: " in err and "retrying in 0.5 s" in err
+    assert "missing or with another checksum in the bucket (run-a/deep/w.bin)" in err
+    assert f"done on attempt {records[0]}" in err
+    assert time.monotonic() - t0 < 20
+
+
+def test_final_sync_gives_up_at_its_deadline(tmp_path, capsys):
+    from easylaunch import cloud_agent
+
+    root = _instance_root(tmp_path)
+    store = FlakyStore(refuse=10**6)
+    syncer = cloud_agent.Syncer(store, str(root), "exp", ["run-a", "run-b"], "el/exp")
+    t0 = time.monotonic()
+    assert not cloud_agent.sync_until(syncer, time.monotonic() + 3, "notice", lambda n: None)
+    assert 2.9 < time.monotonic() - t0 < 4
+    err = capsys.readouterr().err
+    assert "final sync (notice): GIVING UP after" in err and "6 file(s) not synced" in err
+    assert err.count("failed: ") >= 3 and store.objects == {}
 
 
 def nothing_created(aws, exp):
@@ -199,17 +254,39 @@ def test_boot_script_too_large_becomes_a_stub(aws, monkeypatch):
 # -- bad input: a clear error, nothing created ------------------------------------------------
 
 
-def test_no_credentials_says_where_it_looked(aws, monkeypatch):
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(
-        easylaunch.modes.cloud.CloudError if hasattr(easylaunch, "modes") else Exception,
-        match=r"no AWS credentials.*AWS_ACCESS_KEY_ID.*~/.aws/credentials",
+def test_no_credentials_says_where_it_looked(aws, monkeypatch, tmp_path, log_dir):
+    # the real sign-in path: no keys, no emulator, no profile, a HOME without ~/.aws
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CONFIG_FILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
     ):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(easylaunch.modes.cloud.CloudError) as err:
         easylaunch.run_experiment(train, exp_name="ec2-nocred", mode="ec2", variant={"lr": 1})
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", LAUNCHER_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", LAUNCHER_SECRET)
+    message = str(err.value)
+    for place in (
+        "no AWS credentials found",
+        "$AWS_ACCESS_KEY_ID (not set) + $AWS_SECRET_ACCESS_KEY (not set)",
+        "$AWS_PROFILE (not set)",
+        f"{home}/.aws/credentials (no such file; $AWS_SHARED_CREDENTIALS_FILE moves it)",
+        f"{home}/.aws/config (no such file; $AWS_CONFIG_FILE moves it)",
+        "instance metadata",
+        "aws configure",
+    ):
+        assert place in message, (place, message)
     nothing_created(aws, "ec2-nocred")
+    assert not (log_dir / "ec2-nocred").exists()
 
 
 @pytest.mark.parametrize(
@@ -234,70 +311,6 @@ def test_bad_input_is_refused_before_anything(aws, kwargs, config, message, log_
         easylaunch.run_experiment(train, exp_name="ec2-bad", mode="ec2", variant={"lr": 1}, **kwargs)
     nothing_created(aws, "ec2-bad")
     assert not (log_dir / "ec2-bad").exists()
-
-
-class FaultProxy:
-    """Forwards to moto, except the requests ``fault(method, path, body)`` answers itself
-    (the error documents AWS sends: a capacity error, AccessDenied)."""
-
-    def __init__(self, target: str, fault):
-        outer = self
-        self.hits = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                answer = fault(self.command, self.path, body)
-                if answer is not None:
-                    outer.hits += 1
-                    status, data = answer
-                else:
-                    req = urllib.request.Request(
-                        target + self.path,
-                        data=body or None,
-                        method=self.command,
-                        headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
-                    )
-                    try:
-                        with urllib.request.urlopen(req, timeout=60) as resp:
-                            status, data = resp.status, resp.read()
-                            headers = dict(resp.headers)
-                    except urllib.error.HTTPError as err:
-                        status, data, headers = err.code, err.read(), dict(err.headers)
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        if k.lower() not in (
-                            "content-length",
-                            "transfer-encoding",
-                            "connection",
-                            "server",
-                            "date",
-                        ):
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    return
-                self.send_response(status)
-                self.send_header("Content-Type", "text/xml")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_capacity_error_leaves_nothing_behind(aws, monkeypatch, log_dir):
@@ -344,12 +357,80 @@ def test_bucket_not_writable(aws, monkeypatch):
 # -- faults ---------------------------------------------------------------------------------
 
 
-def _running(job, what="step.txt"):
-    def ok():
-        job.fetch()
-        return (job.run_dir / what).exists()
+def write_then_refuse(doodad_config, variant):
+    """Writes ``files`` files, then has the bucket refuse the instance for ``seconds``: all of
+    this run's objects go in the final sync (``sync_interval`` is longer than the run)."""
+    import hashlib
+    import os
+    import urllib.request
 
-    wait_for(ok, 120, f"{job.run_dir.name} to have synced {what}")
+    sums = {}
+    for i in range(variant["files"]):
+        data = bytes([i % 256]) * (4096 * (i + 1))
+        with open(os.path.join(doodad_config.base_log_dir, f"part-{i}.bin"), "wb") as f:
+            f.write(data)
+        sums[f"part-{i}.bin"] = hashlib.md5(data).hexdigest()
+    refuse = variant["refuse"] + f"/__refuse__?seconds={variant['seconds']}"
+    urllib.request.urlopen(urllib.request.Request(refuse, data=b"", method="POST"), timeout=10).read()
+    return sums
+
+
+def _log_times(log: str, pattern: str):
+    """``HH:MM:SS`` of the agent's log lines matching ``pattern``, as seconds of the day."""
+    import re
+
+    out = []
+    for line in log.splitlines():
+        if re.search(pattern, line):
+            h, m, sec = (int(x) for x in line[:8].split(":"))
+            out.append(h * 3600 + m * 60 + sec)
+    return out
+
+
+def test_final_sync_retries_while_the_bucket_refuses_and_loses_nothing(aws_refusing):
+    cloud = aws_refusing
+    job = easylaunch.run_experiment(
+        write_then_refuse,
+        exp_name="ec2-refused",
+        mode="ec2",
+        variant={"files": 12, "refuse": cloud.proxy.url, "seconds": 6},
+        sync_interval=60,
+        skip_wait=True,
+    )
+    assert job.wait(180) == State.COMPLETED, job.status
+    sums = job.result()
+    assert len(sums) == 12
+    for name, md5 in sums.items():
+        assert hashlib.md5((job.run_dir / name).read_bytes()).hexdigest() == md5, name
+    ident = job.manifest["backend"]["instance_id"]
+    wait_for(lambda: cloud.live_instances("ec2-refused") == [], 60, "the instance to terminate itself")
+    # the bucket refused the final sync for a while (dropped connections and 503s, in turn) ...
+    refused = cloud.refusal.refused
+    assert len(refused) >= 4 and {r[3] for r in refused} == {DROP, 503}, refused
+    boot_log = Path(cloud.played(ident)["root"]) / "boot.log"
+    wait_for(lambda: "all runs ended and synced" in boot_log.read_text(), 30, "the agent's last line")
+    log = boot_log.read_text()
+    assert "final sync (end of the runs): attempt 1 failed: " in log, log
+    assert "retrying in 0.5 s" in log and "done on attempt" in log, log
+    # ... every object is there with its checksum, the run's status after its files, the
+    # instance's record last
+    objects = cloud.objects(cloud.bucket)
+    run_key = f"{job.manifest['backend']['cloud']['exp_key']}/{job.run_dir.name}"
+    for name, md5 in sums.items():
+        assert hashlib.md5(objects[f"{run_key}/{name}"]).hexdigest() == md5
+    puts = [(t, path) for t, method, path in cloud.refusal.passed if method == "PUT"]
+    last = {path.rsplit("/", 1)[-1]: t for t, path in puts if f"/{job.run_dir.name}/" in path}
+    assert max(v for k, v in last.items() if k != "status.json") <= last["status.json"]
+    state_key = job.manifest["backend"]["cloud"]["batch_key"] + "/instance-0.state.json"
+    assert max(t for t, path in puts) == max(t for t, path in puts if path.endswith(state_key))
+    state = json.loads(objects[state_key])
+    assert state["phase"] == "done" and state["final_sync"]["attempts"] >= 3, state
+    failed, done = _log_times(log, r"attempt \d+ failed"), _log_times(log, r"done on attempt")
+    print(
+        f"final sync refused {refused[-1][0] - refused[0][0]:.1f} s ({len(refused)} requests refused); "
+        f"{len(failed)} failed attempts, done {done[0] - failed[0]} s after the first failure, on attempt "
+        f"{state['final_sync']['attempts']}"
+    )
 
 
 def test_spot_interruption_preempts_then_recovers_from_checkpoint(aws):
@@ -362,7 +443,7 @@ def test_spot_interruption_preempts_then_recovers_from_checkpoint(aws):
         skip_wait=True,
         max_recoveries=1,
     )
-    _running(job)
+    wait_synced(job)
     first = job.manifest["backend"]["instance_id"]
     aws.call(f"/interrupt?id={first}&window=30")
     t0 = time.time()
@@ -395,7 +476,7 @@ def test_spot_interruption_without_recovery_is_preempted(aws):
     job = easylaunch.run_experiment(
         slow, exp_name="ec2-spot2", mode="ec2", variant={}, sync_interval=1, skip_wait=True
     )
-    _running(job)
+    wait_synced(job)
     aws.call(f"/interrupt?id={job.manifest['backend']['instance_id']}&window=20")
     assert job.wait(90) == State.PREEMPTED
     assert "notice" in job.status["message"]
@@ -405,7 +486,7 @@ def test_instance_killed_without_notice_fails_with_last_sync(aws):
     job = easylaunch.run_experiment(
         slow, exp_name="ec2-kill", mode="ec2", variant={}, sync_interval=1, skip_wait=True
     )
-    _running(job)
+    wait_synced(job)
     aws.call(f"/kill?id={job.manifest['backend']['instance_id']}")
     assert job.wait(60) == State.FAILED
     assert "last sync" in job.status["message"] and "terminated" in job.status["message"]
@@ -416,7 +497,7 @@ def test_cancel_terminates_the_instance(aws):
     job = easylaunch.run_experiment(
         slow, exp_name="ec2-cancel", mode="ec2", variant={}, sync_interval=1, skip_wait=True
     )
-    _running(job)
+    wait_synced(job)
     assert job.cancel()
     assert job.wait(60) == State.CANCELLED
     wait_for(lambda: aws.live_instances("ec2-cancel") == [], 30, "the instance to be terminated")
@@ -527,7 +608,7 @@ def test_cloud_cleanup_lists_spares_busy_instances_and_terminates(aws, capsys):
     job = easylaunch.run_experiment(
         slow, exp_name="ec2-clean", mode="ec2", variant={}, sync_interval=1, skip_wait=True
     )
-    _running(job)
+    wait_synced(job)
     ident = job.manifest["backend"]["instance_id"]
     capsys.readouterr()
     assert cli.main(["cloud", "cleanup", "ec2-clean"]) == 0  # a dry run by default
@@ -550,7 +631,7 @@ def test_recover_relaunches_preempted_runs_from_their_directories(aws, capsys):
     job = easylaunch.run_experiment(
         Resumable(), exp_name="ec2-recover", mode="ec2", variant={"x": 1}, sync_interval=1, skip_wait=True
     )
-    _running(job)
+    wait_synced(job)
     first = job.manifest["backend"]["instance_id"]
     aws.call(f"/interrupt?id={first}&window=30")
     assert job.wait(120) == State.PREEMPTED  # max_recoveries=0: it waits for a recover
@@ -571,3 +652,46 @@ def test_recover_relaunches_preempted_runs_from_their_directories(aws, capsys):
     assert progress[:2] == ["start", "0"] and progress[2] == "start" and int(progress[3]) > 0  # resumed
     assert cli.main(["recover", "ec2-recover"]) == 0
     assert "no PREEMPTED run" in capsys.readouterr().out
+
+
+def test_recover_during_the_notice_window_waits_for_the_checkpoint(aws, capsys):
+    from easylaunch import cli
+
+    job = easylaunch.run_experiment(
+        Resumable(),
+        exp_name="ec2-recover-early",
+        mode="ec2",
+        variant={"x": 1, "checkpoint_seconds": 6},  # a checkpoint that takes a while to save
+        sync_interval=1,
+        skip_wait=True,
+    )
+    wait_synced(job)
+    first = job.manifest["backend"]["instance_id"]
+    state_key = job.manifest["backend"]["cloud"]["batch_key"] + "/instance-0.state.json"
+    aws.call(f"/interrupt?id={first}&window=60")
+    t0 = time.time()
+
+    def noticed():
+        try:
+            return json.loads(aws.s3.get_object(Bucket=aws.bucket, Key=state_key)["Body"].read()).get(
+                "notice"
+            )
+        except Exception:
+            return None
+
+    wait_for(noticed, 30, "the instance's record of its notice")
+    # the user recovers at once, while the instance (running, in its 2-minute window) is still
+    # saving and syncing the checkpoint: recover waits for it
+    capsys.readouterr()
+    assert cli.main(["recover", "ec2-recover-early"]) == 0
+    out, err = capsys.readouterr()
+    waited = time.time() - t0
+    assert "easylaunch recover: waiting for 1 run(s) before relaunching them" in err, err
+    assert f"instance {first} (running) had a notice" in err, err
+    assert f"relaunched {job.run_dir.name} (attempt 2)" in out, out
+    assert waited < 60  # on the instance's notice sync, not at its end
+    again = easylaunch.Job.load(job.run_dir)
+    assert again.wait(180) == State.COMPLETED, again.status
+    progress = (job.run_dir / "progress.txt").read_text().split()
+    assert progress[:2] == ["start", "0"] and progress[2] == "start" and int(progress[3]) > 0  # resumed
+    print(f"recover waited {waited:.1f} s after the spot notice (checkpoint 6 s)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -15,7 +14,18 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from cloudsim_fixtures import Proc, free_port, wait_http
+from cloudsim_fixtures import (  # noqa: F401 (fixtures)
+    IMAGE,
+    PROJECT,
+    FaultProxy,
+    Resumable,
+    cloud,
+    gcp_cloud,
+    gcp_refusing,
+    gcp_refusing_cloud,
+    slow,
+    wait_synced,
+)
 from conftest import require_service, wait_for
 
 import easylaunch
@@ -24,9 +34,6 @@ from easylaunch.cloudsim import gcp as sim
 from easylaunch.modes import gcp
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-PROJECT = "el-test-project"
-IMAGE = "debian-12-bookworm-v20241112"
 
 
 def function(doodad_config, variant):
@@ -39,18 +46,6 @@ def function(doodad_config, variant):
     with open(os.path.join(doodad_config.base_log_dir, "out.txt"), "w") as f:
         f.write(f"lr={variant['learning_rate']}\n")
     return variant["learning_rate"] * 2
-
-
-def slow(doodad_config, variant):
-    import os
-    import time
-
-    with open(os.path.join(doodad_config.base_log_dir, "progress.txt"), "a") as f:
-        f.write("start\n")
-    for step in range(10**6):
-        with open(os.path.join(doodad_config.base_log_dir, "step.txt"), "w") as f:
-            f.write(str(step))
-        time.sleep(0.1)
 
 
 # -- fast: what the mode sends, checked by the endpoint's rules (no services) -----------------
@@ -185,105 +180,6 @@ def test_no_project_is_a_clear_error_before_anything(tmp_path, monkeypatch, log_
 # -- cloudsim gcp + the GCS emulator ---------------------------------------------------------------
 
 
-class GcpCloud:
-    """cloudsim gcp on a free port, against the shared GCS emulator."""
-
-    def __init__(self, work: Path):
-        require_service("cloud")
-        self.gcs = os.environ.get("EASYLAUNCH_TEST_GCS_URL") or ""
-        if not self.gcs:
-            pytest.skip("no GCS emulator (EASYLAUNCH_TEST_GCS_URL)")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = work / "cloudsim-gcp.log"
-        args = [
-            sys.executable,
-            "-m",
-            "easylaunch.cloudsim",
-            "gcp",
-            "--port",
-            str(self.port),
-            "--storage",
-            self.gcs,
-        ]
-        args += ["--work-dir", str(work / "instances"), "--interval", "0.3"]
-        self.sim = Proc(args, self.log, dict(os.environ))
-        wait_http(self.url + "/compute/v1/projects/p/zones")
-        deadline = time.time() + 30
-        while not (m := re.search(r"control (http://127\.0\.0\.1:\d+)", self.log.read_text())):
-            assert time.time() < deadline, self.log.read_text()
-            time.sleep(0.1)
-        self.control = m.group(1)
-        self.env = {
-            "STORAGE_EMULATOR_HOST": self.gcs,
-            "EASYLAUNCH_GCP_COMPUTE_ENDPOINT": self.url,
-            "CLOUDSDK_CORE_PROJECT": PROJECT,
-        }
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        os.environ.setdefault("STORAGE_EMULATOR_HOST", self.gcs)
-        self.storage = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
-
-    def call(self, path: str, method: str = "POST"):
-        req = urllib.request.Request(
-            self.control + path, method=method, data=b"" if method == "POST" else None
-        )
-        return json.loads(urllib.request.urlopen(req, timeout=60).read())
-
-    def instances(self, exp: str = "", zone: str = "us-west1-a"):
-        """The live instances of ``exp`` as the Compute endpoint lists them."""
-        url = f"{self.url}/compute/v1/projects/{PROJECT}/zones/{zone}/instances"
-        items = json.loads(urllib.request.urlopen(url, timeout=30).read()).get("items") or []
-        return [i for i in items if not exp or i["labels"].get("easylaunch-exp") == gcp.label_value(exp)]
-
-    def inserts(self):
-        return [
-            r
-            for r in self.call("/requests", "GET")
-            if r["method"] == "POST" and r["path"].endswith("/instances")
-        ]
-
-    def objects(self, bucket: str):
-        return {b.name: b.download_as_bytes() for b in self.storage.list_blobs(bucket)}
-
-    def config(self, path: Path, bucket: str, **extra):
-        values = {
-            "GCP_BUCKET_NAME": bucket,
-            "GCP_IMAGE_NAME": IMAGE,
-            "GCP_IMAGE_PROJECT": "debian-cloud",
-            "GCP_DEFAULT_KWARGS": {"zone": "us-west1-a", "instance_type": "e2-small"},
-            **extra,
-        }
-        path.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()))
-        return path
-
-    def stop(self):
-        self.sim.stop()
-
-
-@pytest.fixture(scope="module")
-def gcp_cloud(tmp_path_factory):
-    cloud = GcpCloud(tmp_path_factory.mktemp("gcp"))
-    yield cloud
-    cloud.stop()
-
-
-@pytest.fixture
-def cloud(gcp_cloud, monkeypatch, tmp_path, request):
-    for k, v in gcp_cloud.env.items():
-        monkeypatch.setenv(k, v)
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 1000}"
-    bucket = gcp_cloud.storage.create_bucket(name)
-    gcp_cloud.bucket = name
-    gcp_cloud.config_path = gcp_cloud.config(tmp_path / "easylaunch_config.py", name)
-    monkeypatch.setenv("EASYLAUNCH_CONFIG", str(gcp_cloud.config_path))
-    yield gcp_cloud
-    for blob in list(gcp_cloud.storage.list_blobs(name)):
-        blob.delete()
-    bucket.delete()
-
-
 def nothing_created(cloud, exp):
     assert cloud.instances(exp) == []
     # the content-addressed code stays (it is shared by every launch of the same code)
@@ -404,17 +300,13 @@ def test_preemption_mid_run_is_preempted_with_outputs_synced(cloud):
         slow, exp_name="gcp-preempt", mode="gcp", variant={}, sync_interval=1, skip_wait=True
     )
 
-    def synced():
-        job.fetch()
-        return (job.run_dir / "step.txt").exists()
-
-    wait_for(synced, 120, "the run to have synced step.txt")
+    wait_synced(job)
     name = job.manifest["backend"]["instance_id"]
     cloud.call(f"/preempt?name={name}&window=15")
     assert job.wait(90) == State.PREEMPTED, job.status
     assert "preempted" in job.status["message"] or "notice" in job.status["message"]
     assert int((job.run_dir / "step.txt").read_text()) > 0
-    assert (job.run_dir / "progress.txt").read_text() == "start\n"
+    assert (job.run_dir / "progress.txt").read_text() == "start 0\n"
     wait_for(lambda: cloud.instances("gcp-preempt") == [], 30, "the Spot instance to be deleted")
 
 
@@ -488,11 +380,7 @@ def test_cancel_deletes_the_instance(cloud):
         slow, exp_name="gcp-cancel", mode="gcp", variant={}, sync_interval=1, skip_wait=True
     )
 
-    def synced():
-        job.fetch()
-        return (job.run_dir / "step.txt").exists()
-
-    wait_for(synced, 120, "the run to have synced step.txt")
+    wait_synced(job)
     assert job.cancel()
     assert job.wait(60) == State.CANCELLED
     wait_for(lambda: cloud.instances("gcp-cancel") == [], 30, "the instance to be deleted")
@@ -523,39 +411,6 @@ def test_no_credential_in_any_script_metadata_log_or_object(cloud, log_dir):
     assert [where for where, data in texts.items() if token.encode() in data] == []
 
 
-def counted(doodad_config, variant):
-    """Runs `steps` steps (0.1 s each) from `resume_from`."""
-    import os
-    import time
-
-    start = variant.get("resume_from", 0)
-    with open(os.path.join(doodad_config.base_log_dir, "progress.txt"), "a") as f:
-        f.write(f"start {start}\n")
-    for step in range(start, start + variant.get("steps", 10**6)):
-        with open(os.path.join(doodad_config.base_log_dir, "step.txt"), "w") as f:
-            f.write(str(step))
-        time.sleep(0.1)
-    return "done"
-
-
-class Resumable:
-    """doodad/submitit's checkpoint hook: resume where the last step was."""
-
-    def __call__(self, doodad_config, variant):
-        return counted(doodad_config, variant)
-
-    def checkpoint(self, doodad_config, variant):
-        import os
-
-        step = int(open(os.path.join(doodad_config.base_log_dir, "step.txt")).read())
-        resumed = dict(variant, resume_from=step, steps=5)
-
-        def resume(dc, _v, _variant=resumed):
-            return counted(dc, _variant)
-
-        return resume
-
-
 def test_preempted_run_is_recovered_from_its_checkpoint(cloud):
     job = easylaunch.run_experiment(
         Resumable(),
@@ -567,11 +422,7 @@ def test_preempted_run_is_recovered_from_its_checkpoint(cloud):
         max_recoveries=1,
     )
 
-    def synced():
-        job.fetch()
-        return (job.run_dir / "step.txt").exists()
-
-    wait_for(synced, 120, "the run to have synced step.txt")
+    wait_synced(job)
     first = job.manifest["backend"]["instance_id"]
     cloud.call(f"/preempt?name={first}&window=15")
     assert job.wait(180) == State.COMPLETED, job.status
@@ -586,21 +437,230 @@ def test_preempted_run_is_recovered_from_its_checkpoint(cloud):
 def test_cloud_cleanup_finds_gcp_instances_by_label(cloud, capsys):
     from easylaunch import cli
 
+    # launched in another zone than the config's (us-west1-a): cleanup finds it where it was
+    # launched (the runs' manifests), with no --mode and no --zone
     job = easylaunch.run_experiment(
-        slow, exp_name="gcp-clean", mode="gcp", variant={}, sync_interval=1, skip_wait=True
+        slow,
+        exp_name="gcp-clean",
+        mode="gcp",
+        variant={},
+        sync_interval=1,
+        skip_wait=True,
+        gcp_kwargs={"zone": "us-west1-b"},
     )
-
-    def synced():
-        job.fetch()
-        return (job.run_dir / "step.txt").exists()
-
-    wait_for(synced, 120, "the run to have synced step.txt")
+    wait_synced(job)
     name = job.manifest["backend"]["instance_id"]
     capsys.readouterr()
-    assert cli.main(["cloud", "cleanup", "gcp-clean", "--mode", "gcp"]) == 0
+    assert cli.main(["cloud", "cleanup", "gcp-clean"]) == 0
     out = capsys.readouterr().out
     assert f"would spare {name}" in out and "1 of its runs unfinished here" in out, out
-    assert cli.main(["cloud", "cleanup", "gcp-clean", "--mode", "gcp", "--terminate", "--force"]) == 0
+    # --zone overrides the place (the old CLI); --region is ec2's
+    assert cli.main(["cloud", "cleanup", "gcp-clean", "--mode", "gcp", "--zone", "us-west1-a"]) == 0
+    out = capsys.readouterr().out
+    assert "no live gcp instance made by easylaunch for 'gcp-clean'" in out, out
+    assert f"looked in gcp project {PROJECT}, zone us-west1-a" in out, out
+    assert cli.main(["cloud", "cleanup", "gcp-clean", "--region", "us-west1"]) == 2
+    assert "--region 'us-west1' is an option of --mode ec2" in capsys.readouterr().err
+    assert cli.main(["cloud", "cleanup", "--mode", "ec2", "--zone", "us-west1-b"]) == 2
+    assert "--zone 'us-west1-b' is an option of --mode gcp" in capsys.readouterr().err
+    assert cli.main(["cloud", "cleanup", "gcp-clean", "--mode", "gcp", "--zone", "us-west1-b"]) == 0
+    assert f"would spare {name}" in capsys.readouterr().out
+    assert cli.main(["cloud", "cleanup", "gcp-clean", "--terminate", "--force"]) == 0
     assert f"terminating {name}" in capsys.readouterr().out
-    wait_for(lambda: cloud.instances("gcp-clean") == [], 30, "the instance to be deleted")
+    wait_for(lambda: cloud.instances("gcp-clean", zone="us-west1-b") == [], 30, "the instance to be deleted")
     assert job.wait(60) in (State.FAILED, State.CANCELLED, State.PREEMPTED)
+
+
+# -- bad input: the bucket, the credentials --------------------------------------------------------
+
+
+def test_bucket_not_writable_is_refused_before_any_instance(cloud, monkeypatch, log_dir):
+    def fault(method, path, body):
+        if method in ("POST", "PUT") and path.startswith(f"/upload/storage/v1/b/{cloud.bucket}/"):
+            return 403, json.dumps(
+                {
+                    "error": {
+                        "code": 403,
+                        "message": "el-launcher@el-test-project.iam.gserviceaccount.com does not have "
+                        "storage.objects.create access to the Google Cloud Storage object.",
+                        "errors": [{"reason": "forbidden", "domain": "global", "message": "forbidden"}],
+                    }
+                }
+            ).encode()
+        return None
+
+    proxy = FaultProxy(cloud.gcs, fault, "application/json")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)  # the launcher's storage; Compute direct
+    before = len(cloud.inserts())
+    try:
+        with pytest.raises(
+            PermissionError,
+            match=rf"bucket '{cloud.bucket}' of GCP_BUCKET_NAME is not writable .*storage.objects.create"
+            r".*Grant roles/storage.objectAdmin on it, or set GCP_BUCKET_NAME to a writable bucket",
+        ):
+            easylaunch.run_experiment(function, exp_name="gcp-ro", mode="gcp", variant={"learning_rate": 1})
+    finally:
+        proxy.close()
+    assert proxy.hits >= 1
+    assert len(cloud.inserts()) == before
+    nothing_created(cloud, "gcp-ro")
+    assert list(cloud.objects(cloud.bucket)) == []  # not even the code: the check comes first
+    assert not (log_dir / "gcp-ro").exists()
+
+
+def test_no_credentials_names_where_it_looked_and_creates_nothing(cloud, monkeypatch, tmp_path, log_dir):
+    # the real sign-in path: no emulator, no key file, no gcloud ADC file (an empty HOME)
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in (
+        "STORAGE_EMULATOR_HOST",
+        "EASYLAUNCH_GCP_COMPUTE_ENDPOINT",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "CLOUDSDK_CONFIG",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    before = len(cloud.inserts())
+    with pytest.raises(easylaunch.modes.cloud.CloudError) as err:
+        easylaunch.run_experiment(function, exp_name="gcp-nocred", mode="gcp", variant={"learning_rate": 1})
+    message = str(err.value)
+    for place in (
+        "no Google credentials found",
+        "$GOOGLE_APPLICATION_CREDENTIALS (not set)",
+        f"{home}/.config/gcloud/application_default_credentials.json (no such file",
+        "$CLOUDSDK_CONFIG moves it",
+        "metadata server",
+        "gcloud auth application-default login",
+    ):
+        assert place in message, (place, message)
+    assert len(cloud.inserts()) == before
+    nothing_created(cloud, "gcp-nocred")
+    assert list(cloud.objects(cloud.bucket)) == []
+    assert not (log_dir / "gcp-nocred").exists()
+
+
+# -- the final sync when the bucket refuses; recover during a notice window ------------------------
+
+
+def test_notice_sync_retries_inside_the_window_while_the_bucket_refuses(gcp_refusing):
+    cloud = gcp_refusing
+    job = easylaunch.run_experiment(
+        Resumable(), exp_name="gcp-refused", mode="gcp", variant={}, sync_interval=1, skip_wait=True
+    )
+    wait_synced(job)
+    name = job.manifest["backend"]["instance_id"]
+    cloud.refusal.arm(6)  # the bucket refuses the instance from the notice on, for 6 s
+    t0 = time.time()
+    cloud.call(f"/preempt?name={name}&window=20")
+    assert job.wait(90) == State.PREEMPTED, job.status
+    wait_synced(job, "payload.attempt1.pkl", 30)  # the checkpoint came through
+    status = job.status
+    assert status["notice_sync"] == {"attempt": 1, "checkpoint": True}, status
+    assert "its checkpoint was saved" in status["message"]
+    refused = cloud.refusal.refused
+    assert len(refused) >= 3 and refused[0][0] >= t0, refused
+    root = Path(cloud.played(name)["root"])
+    wait_for(lambda: "done on attempt" in (root / "boot.log").read_text(), 30, "the agent's last line")
+    log = (root / "boot.log").read_text()
+    assert "final sync (notice): attempt 1 failed: " in log, log
+    # the shutdown script left the notice to the agent (two writers would race)
+    wait_for(lambda: "waiting for its final sync" in (root / "shutdown.log").read_text(), 30, "shutdown.log")
+    batch_key = job.manifest["backend"]["cloud"]["batch_key"]
+    state = json.loads(cloud.objects(cloud.bucket)[f"{batch_key}/instance-0.state.json"])
+    # inside the window (GCE's is 30 s; the agent keeps 5 s of it free)
+    assert state["final_sync"]["why"] == "notice" and state["final_sync"]["done"] - t0 < 20, state
+    print(
+        f"notice sync: refused {refused[-1][0] - refused[0][0]:.1f} s ({len(refused)} requests), done "
+        f"{state['final_sync']['done'] - t0:.1f} s after the notice, on attempt {state['final_sync']['attempts']}"
+    )
+    wait_for(lambda: cloud.instances("gcp-refused") == [], 60, "the Spot instance to be deleted")
+
+
+def test_recover_waits_while_the_instance_syncs_its_checkpoint(cloud, monkeypatch, capsys):
+    from easylaunch import cli, transitions
+
+    real = gcp.GcpProvider.describe
+
+    def describe(self, ids, resolved):
+        """As GCE: a preempted instance is STOPPING during its notice window (cloudsim says RUNNING)."""
+        out = real(self, ids, resolved)
+        preempted = {p["name"] for p in cloud.call("/instances", "GET")["instances"] if p["preempted"]}
+        return {k: "STOPPING" if k in preempted and v == "RUNNING" else v for k, v in out.items()}
+
+    monkeypatch.setattr(gcp.GcpProvider, "describe", describe)
+    job = easylaunch.run_experiment(
+        Resumable(),
+        exp_name="gcp-recover-wait",
+        mode="gcp",
+        variant={"checkpoint_seconds": 8},  # a big model: its checkpoint takes a while
+        sync_interval=1,
+        skip_wait=True,
+    )
+    wait_synced(job)
+    first = job.manifest["backend"]["instance_id"]
+    batch_key = job.manifest["backend"]["cloud"]["batch_key"]
+    cloud.call(f"/preempt?name={first}&window=40")
+    t0 = time.time()
+
+    def noticed():
+        blob = cloud.storage.bucket(cloud.bucket).get_blob(f"{batch_key}/instance-0.state.json")
+        return blob is not None and json.loads(blob.download_as_bytes()).get("notice")
+
+    wait_for(noticed, 20, "the instance's record of its notice")
+    # the launcher sees the notice and STOPPING, while the checkpoint is still being saved: not
+    # PREEMPTED yet (it would be relaunched from the payload it started with)
+    job.mode.poll([job])
+    assert transitions.current(job.run_dir) == State.RUNNING, job.status
+    assert not (job.run_dir / "payload.attempt1.pkl").exists()
+    before = len(cloud.inserts())
+    capsys.readouterr()
+    assert cli.main(["recover", "gcp-recover-wait", "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{job.run_dir.name} not relaunched: instance {first} (STOPPING) had a notice" in err, err
+    assert "still syncing in its notice window, after 1 s (--timeout)" in err, err
+    assert len(cloud.inserts()) == before  # nothing relaunched
+    assert cli.main(["recover", "gcp-recover-wait"]) == 0
+    out, err = capsys.readouterr()
+    waited = time.time() - t0
+    assert "easylaunch recover: waiting for 1 run(s) before relaunching them" in err, err
+    assert f"relaunched {job.run_dir.name} (attempt 2)" in out, out
+    assert waited < 40  # relaunched on the instance's final sync, before its end
+    assert (job.run_dir / "payload.attempt1.pkl").exists()
+    again = easylaunch.Job.load(job.run_dir)
+    assert again.wait(180) == State.COMPLETED, again.status
+    assert again.status["attempt"] == 2 and again.result() == "done"
+    progress = (job.run_dir / "progress.txt").read_text().split()
+    assert progress[:2] == ["start", "0"] and progress[2] == "start" and int(progress[3]) > 0  # resumed
+    assert json.loads((job.run_dir / "manifest.json").read_text())["backend"]["instance_id"] != first
+    print(f"recover waited {waited:.1f} s after the notice (checkpoint 8 s)")
+
+
+# -- Docker on the instance ----------------------------------------------------------------------
+
+
+def in_container(doodad_config, variant):
+    import os
+
+    return os.path.exists("/.dockerenv"), open("/etc/os-release").read().split("\n")[0]
+
+
+def test_docker_image_on_the_instance_runs_through_dockerd(cloud):
+    require_service("docker")
+    image = os.environ.get("EASYLAUNCH_TEST_DOCKER_IMAGE") or "local/debian-python:bookworm"
+    job = easylaunch.run_experiment(
+        in_container,
+        exp_name="gcp-docker",
+        mode="gcp",
+        variant={},
+        docker_image=image,
+        sync_interval=1,
+        skip_wait=True,
+    )
+    assert job.wait(180) == State.COMPLETED, job.status
+    inside, release = job.result()
+    assert inside and "Debian" in release
+    name = job.manifest["backend"]["instance_id"]
+    (insert,) = [r for r in cloud.inserts() if r["body"]["name"] == name]
+    items = {i["key"]: i["value"] for i in insert["body"]["metadata"]["items"]}
+    assert "docker" in items["startup-script"]  # the boot script checks for the client
+    wait_for(lambda: cloud.instances("gcp-docker") == [], 30, "the instance to delete itself")

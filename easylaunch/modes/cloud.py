@@ -25,7 +25,8 @@ does the rest, the same for both::
   FAILED (killed without notice: its outputs are those of the last sync).
 - ``max_recoveries=K`` relaunches preempted runs on new instances (attempt+1 in the same run
   directory, resuming from the checkpoint payload the instance synced); :func:`recover` does
-  the same later from the run directories alone (``easylaunch recover EXP``).
+  the same later from the run directories alone (``easylaunch recover EXP``), and
+  :func:`recover_when_ready` first waits for an instance still syncing in its notice window.
 """
 
 from __future__ import annotations
@@ -60,17 +61,27 @@ from .base import Mode
 FETCHED = ".cloud-fetched.json"
 #: the MD5 (and S3 ETag) of an empty object
 EMPTY_MD5 = hashlib.md5(b"").hexdigest()
-#: instance states after which nothing more will be written for its runs (not the transitional
-#: ones: a GCE instance runs its shutdown script, which syncs, while STOPPING; an EC2 one may
-#: still be finishing its final sync while shutting-down / stopping)
+#: instance states of an instance that is gone or going: its runs end with what it synced,
+#: unless it is still syncing (see ENDED and final_sync_done)
 GONE = {
     "terminated",
+    "shutting-down",
     "stopped",
+    "stopping",
     "TERMINATED",
+    "STOPPING",
     "STOPPED",
     "SUSPENDED",
     "missing",
 }
+
+#: instance states after which its processes are gone (not going): nothing more can come
+ENDED = {"terminated", "stopped", "TERMINATED", "SUSPENDED", "missing"}
+
+
+def final_sync_done(inst_state: Dict[str, Any]) -> bool:
+    """The instance's record says its final sync (at the end, or on a notice) is over."""
+    return bool((inst_state.get("final_sync") or {}).get("done"))
 
 
 class CloudError(RuntimeError):
@@ -186,6 +197,19 @@ class Provider:
         """Lines for a dry run: types, spot prices, cost per hour where the API gives it."""
         return []
 
+    # the place strays are looked for (``easylaunch cloud cleanup``)
+    @classmethod
+    def with_location(
+        cls, options: Dict[str, Any], region: Optional[str] = None, zone: Optional[str] = None
+    ) -> Dict[str, Any]:
+        """``options`` pointed at the CLI's ``--region`` / ``--zone``; ValueError naming the
+        option this cloud has when it is given the other one."""
+        raise NotImplementedError
+
+    def location(self) -> str:
+        """Where :meth:`strays` looks (for messages), e.g. ``region us-east-1``."""
+        raise NotImplementedError
+
 
 def _safe_name(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:limit] or "x"
@@ -207,6 +231,13 @@ class CloudMode(Mode):
         Option("num_exps_per_instance", (int,), 1, "variants per instance", 1),
         Option("max_parallel", (int,), None, "runs at once on each instance (default 1)", 1),
         Option("sync_interval", (int, float), 15, "seconds between syncs of the outputs to the bucket", 1),
+        Option(
+            "final_sync_timeout",
+            (int, float),
+            600,
+            "seconds the instance keeps retrying its final sync when the bucket does not take it",
+            1,
+        ),
         Option(
             "docker_image",
             (str,),
@@ -345,6 +376,9 @@ class CloudMode(Mode):
                     "docker",
                     "terminate",
                     "notice_wait",
+                    "notice_window",
+                    "notice_margin",
+                    "final_sync_timeout",
                 )
                 if k in common
             },
@@ -420,6 +454,9 @@ class CloudMode(Mode):
             "docker": docker,
             "terminate": batch.options.get("terminate", True) is not False,
             "notice_wait": resolved.get("notice_wait", 90 if provider.name == "aws" else 20),
+            "notice_window": resolved.get("notice_window", 120 if provider.name == "aws" else 30),
+            "notice_margin": resolved.get("notice_margin", 5),
+            "final_sync_timeout": float(batch.options.get("final_sync_timeout") or 600),
             "batch_key": provider.key(f"{batch.exp_name}/.batches/{batch.batch_id}"),
             "exp_key": provider.key(batch.exp_name),
             "resolved": {k: v for k, v in resolved.items() if k != "docker_options"},
@@ -480,17 +517,21 @@ class CloudMode(Mode):
                     )
         except BaseException as exc:
             # nothing half-made: instances created so far end, their objects go (code stays)
+            prefixes = [common["batch_key"] + "/"]
+            prefixes += [f"{common['exp_key']}/{run.name}/" for run in batch.runs]
             if created:
                 try:
                     provider.terminate(created, plan.resolved)
                     # an instance that booted may still write (its state object): wait until
-                    # it is gone, then take what it wrote too
+                    # it has ended (not only going), then take what it wrote too
                     deadline = time.monotonic() + 60
                     while time.monotonic() < deadline:
                         states = provider.describe(created, plan.resolved)
-                        if all(v in GONE for v in states.values()):
+                        if all(v in ENDED for v in states.values()):
                             break
                         time.sleep(1)
+                    for prefix in prefixes:
+                        put_keys.extend(provider.list(prefix))
                 except Exception:
                     pass
             for key in dict.fromkeys(put_keys):
@@ -499,8 +540,7 @@ class CloudMode(Mode):
                 except Exception:
                     pass
             if created:
-                prefixes = [common["batch_key"] + "/"]
-                prefixes += [f"{common['exp_key']}/{run.name}/" for run in batch.runs]
+                # a PUT the instance sent as it ended may land after that listing
                 _remove_until_quiet(provider, prefixes)
             batch.started = False
             if isinstance(exc, CloudError):
@@ -594,11 +634,9 @@ class CloudMode(Mode):
                     last = inst_state.get("last_sync")
                     when = time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"
                     if inst_state.get("notice"):
-                        out[job.run_dir] = transitions.settle(
-                            job.run_dir,
-                            State.PREEMPTED,
-                            f"instance {ident} was reclaimed after a notice; outputs as of its last sync ({when})",
-                        )
+                        if states.get(ident, "missing") not in ENDED and not final_sync_done(inst_state):
+                            continue  # going (GCE: STOPPING) and still syncing in its notice window
+                        out[job.run_dir] = _reclaimed(job.run_dir, ident, inst_state)
                         recover.append(job)
                     else:
                         out[job.run_dir] = transitions.backend_ended(
@@ -653,22 +691,28 @@ class CloudMode(Mode):
             for k, v in listing.items()
             if k.startswith(prefix) and fetched.get(k[len(prefix) :]) != v[1]
         ]
-        todo = [t for t in todo if t[0] not in (records.CANCEL_MARK,)]
+        # the launcher's own: the manifest (an instance's copy lacks the instance id), the marks
+        todo = [t for t in todo if t[0] not in (records.CANCEL_MARK, records.MANIFEST)]
         todo.sort(key=lambda t: t[0] == records.STATUS)
         status_changed = False
+        missed = False
         for rel, (size, md5) in todo:
             parts = rel.split("/")
             if not rel or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
                 continue
+            if rel == records.STATUS and missed:
+                break  # status last here too: not before the objects it describes
             if size == 0 and md5 in ("", EMPTY_MD5):
                 data = b""  # the listing said it all (the empty logs of a quiet run): no GET
             else:
                 try:
                     data = provider.get(prefix + rel)
                 except Exception:
+                    missed = True
                     continue
                 self._stat("object_gets")
             if md5 and len(md5) == 32 and hashlib.md5(data).hexdigest() != md5:
+                missed = True
                 continue  # changed while it was read: next poll
             local = job.run_dir.joinpath(*parts)
             if rel == records.STATUS:
@@ -770,6 +814,124 @@ class CloudMode(Mode):
 
     def cleanup(self, jobs: Sequence[Job]) -> None:
         """Nothing is held locally; instances end themselves (``easylaunch cloud cleanup`` finds strays)."""
+
+
+def _reclaimed(run_dir: Path, ident: str, inst_state: Dict[str, Any]) -> State:
+    """The launcher's record of a run whose instance had a notice and is gone (or done syncing)
+    without the run's own PREEMPTED."""
+    last = inst_state.get("last_sync")
+    when = time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"
+    return transitions.settle(
+        run_dir,
+        State.PREEMPTED,
+        f"instance {ident} was reclaimed after a notice; outputs as of its last sync ({when})",
+    )
+
+
+def _recoverable(mode: CloudMode, dirs: List[Path]) -> Dict[Path, str]:
+    """One look at these runs (one listing + one describe per experiment): ``run -> ""`` for a
+    PREEMPTED run that may be relaunched now, ``run -> why`` for one to wait for (its instance
+    had a notice and is still syncing in its window); runs that are neither are left out.
+
+    Ready: the run's own PREEMPTED came from its instance's notice sync (written after its
+    other objects, the checkpoint among them, which is here), or the instance's record says
+    its final sync is over, or the instance has ended (nothing more can come)."""
+    out: Dict[Path, str] = {}
+    by_exp: Dict[Tuple[str, str], List[Path]] = {}
+    for d in dirs:
+        backend = (records.read_manifest(d) or {}).get("backend") or {}
+        if "instance_id" in backend:
+            by_exp.setdefault((backend["cloud"]["store"], backend["cloud"]["exp_key"]), []).append(d)
+    for (_store, exp_key), members in by_exp.items():
+        manifest = records.read_manifest(members[0])
+        provider = mode.provider(dict(manifest.get("options") or {}))
+        resolved = manifest["backend"]["cloud"].get("resolved") or {}
+        listing = provider.list(exp_key + "/")
+        backends = {d: records.read_manifest(d)["backend"] for d in members}
+        states = provider.describe(sorted({b["instance_id"] for b in backends.values()}), resolved)
+        for d in members:
+            backend = backends[d]
+            ident = backend["instance_id"]
+            if transitions.current(d) in TERMINAL_STATES - {State.PREEMPTED}:
+                continue
+            mode._fetch_run(provider, _DirRun(d), exp_key, listing)  # type: ignore[arg-type]
+            status = records.read_status(d)
+            state = transitions.current(d)
+            if state in TERMINAL_STATES and state != State.PREEMPTED:
+                continue
+            inst_state = mode._instance_state(
+                provider, backend["cloud"]["batch_key"], backend["instance"], listing
+            )
+            there = states.get(ident, "missing")
+            ended, synced = there in ENDED, final_sync_done(inst_state)
+            if state != State.PREEMPTED:
+                if not inst_state.get("notice"):
+                    continue  # working: nothing to recover
+                if ended or synced:
+                    _reclaimed(d, ident, inst_state)
+                    out[d] = ""
+                    continue
+            elif ended or synced:
+                out[d] = ""
+                continue
+            elif (status.get("notice_sync") or {}).get("attempt") == status.get("attempt"):
+                # the instance's own PREEMPTED of this attempt, synced after the run's other objects
+                saved = d / f"payload.attempt{int(status.get('attempt') or 1)}.pkl"
+                if not status["notice_sync"].get("checkpoint") or saved.exists():
+                    out[d] = ""
+                    continue
+            since = time.time() - float(inst_state.get("notice") or time.time())
+            out[d] = (
+                f"instance {ident} ({there}) had a notice {since:.0f} s ago and is still syncing in its "
+                "notice window"
+            )
+    return out
+
+
+def recover_when_ready(
+    run_dirs: Sequence[Path],
+    timeout: float = 300.0,
+    say: Any = None,
+    interval: float = 2.0,
+) -> Tuple[List[Path], Dict[Path, str]]:
+    """Relaunch the PREEMPTED runs among ``run_dirs``, and those whose instance had a notice,
+    once each may be (see :func:`_recoverable`): while an instance is still in its notice
+    window, the payload here is not yet the checkpoint it is syncing. Waits up to ``timeout``
+    seconds, ``say(line)`` every few seconds meanwhile. Returns ``(relaunched, {run: why not})``."""
+    from ..config import load_settings
+    from . import get_mode_class
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    by_mode: Dict[str, List[Path]] = {}
+    for d in map(Path, run_dirs):
+        m = records.read_manifest(d) or {}
+        if "instance_id" in (m.get("backend") or {}):
+            by_mode.setdefault(m["mode"], []).append(d)
+    modes = {name: get_mode_class(name)(load_settings()) for name in by_mode}
+    t0 = time.monotonic()
+    looks: Dict[Path, str] = {}
+    said = -1e9
+    while True:
+        looks = {}
+        for name, dirs in by_mode.items():
+            looks.update(_recoverable(modes[name], dirs))
+        waiting = {d: why for d, why in looks.items() if why}
+        spent = time.monotonic() - t0
+        if not waiting or spent >= timeout:
+            break
+        if spent - said >= 5 or said < 0:
+            first = next(iter(waiting.items()))
+            say(
+                f"easylaunch recover: waiting for {len(waiting)} run(s) before relaunching them: "
+                f"{first[0].name}: {first[1]} ({spent:.0f} s of --timeout {timeout:.0f} s)"
+            )
+            said = spent
+        time.sleep(min(interval, max(0.1, timeout - spent)))
+    ready = [d for d, why in looks.items() if not why]
+    done: List[Path] = []
+    for name, dirs in by_mode.items():
+        done += recover([d for d in ready if d in dirs], modes[name])
+    return done, {d: why for d, why in looks.items() if why}
 
 
 def recover(run_dirs: Sequence[Path], mode: Optional[CloudMode] = None) -> List[Path]:

@@ -28,12 +28,30 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..options import Option
 from .cloud import CloudError, CloudMode, Provider
 
-#: what boto3 looks at for credentials (for the "no credentials" message)
-CREDENTIAL_PLACES = (
-    "$AWS_ACCESS_KEY_ID + $AWS_SECRET_ACCESS_KEY (+ $AWS_SESSION_TOKEN), $AWS_PROFILE, "
-    "~/.aws/credentials, ~/.aws/config (or $AWS_SHARED_CREDENTIALS_FILE / $AWS_CONFIG_FILE), "
-    "SSO / web identity, the container or instance metadata credentials"
-)
+
+def credential_places() -> str:
+    """Where boto3 looked for credentials, each with what is there (for the "no credentials"
+    message): variables set or not, the files it read and whether they exist. Never a value."""
+
+    def var(name: str) -> str:
+        return f"${name} ({'set' if os.environ.get(name) else 'not set'})"
+
+    def path(env: str, default: str) -> str:
+        where = os.path.expanduser(os.environ.get(env) or default)
+        return f"{where} ({'exists' if os.path.exists(where) else 'no such file'}; ${env} moves it)"
+
+    return "; ".join(
+        [
+            f"{var('AWS_ACCESS_KEY_ID')} + {var('AWS_SECRET_ACCESS_KEY')}",
+            var("AWS_PROFILE"),
+            path("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+            path("AWS_CONFIG_FILE", "~/.aws/config"),
+            "SSO / web identity ($AWS_WEB_IDENTITY_TOKEN_FILE), the container or instance metadata "
+            "credentials (none answered)",
+        ]
+    )
+
+
 CAPACITY_ERRORS = (
     "InsufficientInstanceCapacity",
     "InstanceLimitExceeded",
@@ -172,7 +190,10 @@ class Ec2Provider(Provider):
                 f"mode 'ec2': unknown region {self.region!r}.{hint} Known regions: {', '.join(regions)}"
             )
         if boto3.session.Session(region_name=self.region).get_credentials() is None:
-            raise CloudError(f"mode 'ec2': no AWS credentials found. boto3 looked at: {CREDENTIAL_PLACES}")
+            raise CloudError(
+                f"mode 'ec2': no AWS credentials found. boto3 looked at: {credential_places()}. Set "
+                "$AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY or $AWS_PROFILE, or run `aws configure`"
+            )
         gpu = bool(opts.get("use_gpu"))
         ami = opts.get("image_id") or (settings.get("REGION_TO_GPU_AWS_IMAGE_ID") or {}).get(self.region)
         if not ami and not gpu:
@@ -232,6 +253,7 @@ class Ec2Provider(Provider):
             "security_group_ids": list(settings.get("AWS_SECURITY_GROUP_IDS") or []),
             "key_name": settings.get("AWS_KEY_NAME"),
             "notice_wait": 90,
+            "notice_window": 120,  # a spot interruption notice: 2 minutes
         }
 
     def create(self, name: str, script: str, tags: Dict[str, str], resolved: Dict[str, Any]) -> str:
@@ -320,6 +342,20 @@ class Ec2Provider(Provider):
                         }
                     )
         return out
+
+    @classmethod
+    def with_location(
+        cls, options: Dict[str, Any], region: Optional[str] = None, zone: Optional[str] = None
+    ) -> Dict[str, Any]:
+        if zone:
+            raise ValueError(
+                f"--zone {zone!r} is an option of --mode gcp (a Compute Engine zone); EC2 instances are "
+                "listed per region: pass --region REGION (default: config AWS_REGION)"
+            )
+        return {**options, "region": region} if region else dict(options)
+
+    def location(self) -> str:
+        return f"region {self.region}"
 
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:
         lines = [

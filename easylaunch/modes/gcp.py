@@ -38,12 +38,28 @@ from ..options import Option
 from .cloud import CloudError, CloudMode, Provider
 
 GOOGLE_API = "https://compute.googleapis.com"
-#: what google.auth.default() looks at (for the "no credentials" message)
-CREDENTIAL_PLACES = (
-    "$GOOGLE_APPLICATION_CREDENTIALS (a service-account or authorized-user JSON file), "
-    "~/.config/gcloud/application_default_credentials.json (gcloud auth application-default login), "
-    "the GCE/Cloud Run metadata server"
-)
+
+
+def credential_places() -> str:
+    """Where google.auth looked for Application Default Credentials, each with what is there
+    (for the "no credentials" message). Never a value."""
+    gac = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if gac:
+        first = f"$GOOGLE_APPLICATION_CREDENTIALS (set to {gac}: {'exists' if os.path.exists(gac) else 'no such file'})"
+    else:
+        first = "$GOOGLE_APPLICATION_CREDENTIALS (not set)"
+    config = os.environ.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+    adc = os.path.join(config, "application_default_credentials.json")
+    return "; ".join(
+        [
+            first,
+            f"{adc} ({'exists' if os.path.exists(adc) else 'no such file'}; written by `gcloud auth "
+            "application-default login`, $CLOUDSDK_CONFIG moves it)",
+            "the GCE / Cloud Run metadata server (none answered)",
+        ]
+    )
+
+
 #: the instance's service-account scopes: the bucket, deleting itself, its logs
 SCOPES = (
     "https://www.googleapis.com/auth/devstorage.read_write",
@@ -192,7 +208,9 @@ class GcpProvider(Provider):
             creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
         except DefaultCredentialsError:
             raise CloudError(
-                f"mode 'gcp': no Google credentials found. google.auth looked at: {CREDENTIAL_PLACES}"
+                f"mode 'gcp': no Google credentials found. google.auth looked at: {credential_places()}. "
+                "Run `gcloud auth application-default login`, or set $GOOGLE_APPLICATION_CREDENTIALS to a "
+                "service-account key file (an emulator: $STORAGE_EMULATOR_HOST and GCP_COMPUTE_ENDPOINT)"
             ) from None
         return creds
 
@@ -450,6 +468,7 @@ class GcpProvider(Provider):
             ),
             "network": str(kw.get("network") or "global/networks/default"),
             "notice_wait": 20,
+            "notice_window": 30,  # a preemption notice: 30 s
         }
 
     def body(self, name: str, script: str, tags: Dict[str, str], resolved: Dict[str, Any]) -> Dict[str, Any]:
@@ -597,6 +616,22 @@ class GcpProvider(Provider):
                 }
             )
         return out
+
+    @classmethod
+    def with_location(
+        cls, options: Dict[str, Any], region: Optional[str] = None, zone: Optional[str] = None
+    ) -> Dict[str, Any]:
+        if region:
+            raise ValueError(
+                f"--region {region!r} is an option of --mode ec2; Compute Engine instances are listed per "
+                "zone: pass --zone ZONE (default: GCP_DEFAULT_KWARGS['zone'] / gcp_kwargs of the launch)"
+            )
+        if not zone:
+            return dict(options)
+        return {**options, "gcp_kwargs": {**dict(options.get("gcp_kwargs") or {}), "zone": zone}}
+
+    def location(self) -> str:
+        return f"project {self.project()}, zone {self.zone()}"
 
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:
         gpus = ", ".join(
