@@ -59,7 +59,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
@@ -74,6 +73,8 @@ from typing import Any, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, Table, machine, make_git_repo, parse_args, temp_root  # noqa: E402
+
+from easylaunch.cloudsim.players import free_port, wait_http  # noqa: E402
 
 PROJECT = "b8-cloud-project"
 GCE_IMAGE = "debian-12-bookworm-v20241112"
@@ -245,26 +246,6 @@ def hook_polls(meter: Meter) -> None:
 
 
 # -- emulators and players (this script's own, on free ports) ------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 class Procs:

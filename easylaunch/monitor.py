@@ -645,7 +645,7 @@ class _HubClient:
             self.offset = os.stat(self.run_dir / CSV_NAME).st_size  # an earlier attempt's samples
         except OSError:
             self.offset = 0
-        path = os.fsencode(str(self.run_dir.resolve()))
+        path = os.fsencode(os.path.abspath(self.run_dir))
         head = "start %d %r %r %r %r %s " % (
             os.getpid(),
             self.period,

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from typing import Callable, Dict, List, Optional
 import cloudpickle
 import pytest
 from conftest import require_service, wait_for
+
+from easylaunch.cloudsim.players import free_port, wait_http
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -201,26 +202,6 @@ class Refusal:
             return 503, b"<Error><Code>SlowDown</Code><Message>restarting</Message></Error>"
         self.passed.append((time.time(), method, urllib.parse.unquote(path)))
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def cloud_python() -> str:

@@ -26,6 +26,7 @@ from conftest import require_service, wait_for
 from txlog_checks import check_complete
 
 from easylaunch import State, run_experiment, run_sweep
+from easylaunch.cloudsim.players import free_port
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -538,14 +539,6 @@ def test_unknown_ssh_host_lists_the_known_ones_and_suggests(remote, code, log_di
 def _launch_with(remote, code, monkeypatch, **entry):
     monkeypatch.setenv("EASYLAUNCH_CONFIG", str(remote.config({"test": remote.entry(**entry)})))
     return run_experiment(where_am_i, exp_name="bad", mode="ssh", variant={"x": 1}, **opts(code))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(

@@ -335,3 +335,30 @@ class Sim:
                 player.kill()
         for meta in self.meta.values():
             meta.close()
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (for an emulator to start on)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    """Wait until ``url`` answers HTTP (any status); OSError after ``timeout`` seconds."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
