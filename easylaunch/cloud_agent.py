@@ -358,6 +358,10 @@ class CloudAgent:
         self.state: Dict[str, Any] = {"instance": self.spec["instance"], "started": time.time()}
         self.notice: Optional[str] = None
 
+    def give_up(self, exc: BaseException) -> int:
+        """After a failure of :meth:`run`: save what can be saved, end the instance (exit 1)."""
+        return _give_up(self, exc)
+
     def put_state(self, **fields: Any) -> None:
         self.state.update(fields, last_sync=self.syncer.last_sync, puts=self.syncer.puts)
         self.store.put(self.spec["state_key"], json.dumps(self.state).encode())
@@ -583,6 +587,38 @@ class CloudAgent:
         return 0 if ok else 1
 
 
+#: seconds an agent that failed spends saving what it can before it ends its instance
+GIVE_UP_SECONDS = 60.0
+
+
+def _give_up(agent: "CloudAgent", exc: BaseException) -> int:
+    """The agent failed (a bug, a bucket that refuses its first write, Ctrl-C): sync what the runs
+    wrote and say why in the instance's record, both best effort within GIVE_UP_SECONDS, then
+    end the instance, which would otherwise run (and cost) with nobody to sync or end it."""
+    import traceback
+
+    _log("the agent failed: " + "".join(traceback.format_exception_only(type(exc), exc)).strip())
+    traceback.print_exc()
+    deadline = time.monotonic() + GIVE_UP_SECONDS
+    try:
+        with agent.store.bounded(retry_for=10.0, deadline=deadline):
+            agent.syncer.sync(keep_going=True)
+    except BaseException as err:  # noqa: BLE001 - best effort, the instance ends anyway
+        _log(f"could not sync the runs' outputs: {err}")
+    try:
+        with agent.store.bounded(retry_for=10.0, deadline=deadline):
+            agent.put_state(phase="failed", error=f"{type(exc).__name__}: {exc}"[:2000], done=time.time())
+    except BaseException as err:  # noqa: BLE001
+        _log(f"could not record the failure: {err}")
+    if agent.spec.get("terminate", True):
+        try:
+            agent.instance.terminate()
+            _log("ended this instance (nothing would sync or end it now)")
+        except BaseException as err:  # noqa: BLE001
+            _log(f"could not terminate this instance: {err}; end it with `easylaunch cloud cleanup`")
+    return 1
+
+
 def _agent_alive(root: str, fresh: float = 5.0) -> bool:
     """The agent touched its heartbeat in the last ``fresh`` seconds (works across the PID
     namespaces of a container and its host)."""
@@ -636,7 +672,11 @@ def main(argv: List[str]) -> int:
         _log(f"synced {n} object(s)" if n >= 0 else "not everything could be synced")
         return 0 if n >= 0 else 1
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    return CloudAgent(args.store, args.spec, args.root).run()
+    agent = CloudAgent(args.store, args.spec, args.root)  # fails before anything runs: no spec
+    try:
+        return agent.run()
+    except BaseException as exc:
+        return agent.give_up(exc)
 
 
 if __name__ == "__main__":

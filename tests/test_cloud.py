@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import cloudpickle
@@ -125,6 +126,33 @@ def test_final_sync_gives_up_at_its_deadline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "final sync (notice): GIVING UP after" in err and "6 file(s) not synced" in err
     assert err.count("failed: ") >= 3 and store.objects == {}
+
+
+def test_an_agent_that_fails_saves_what_it_can_and_ends_its_instance(tmp_path, capsys):
+    # e.g. the bucket refused the agent's first write: without this the instance ran on (and
+    # cost) with nobody left to sync its runs or to end it
+    from easylaunch import cloud_agent
+
+    root = _instance_root(tmp_path)
+    store = FlakyStore(refuse=1)  # the first write fails, later ones pass
+    agent = object.__new__(cloud_agent.CloudAgent)
+    ended = []
+    agent.store, agent.state = store, {"instance": 0}
+    agent.spec = {"state_key": "el/.batches/b/instance-0.state.json"}
+    agent.syncer = cloud_agent.Syncer(store, str(root), "exp", ["run-a", "run-b"], "el/exp")
+    agent.instance = types.SimpleNamespace(terminate=lambda: ended.append(True))
+    try:
+        agent.put_state(phase="setup")
+    except cloud_store.StoreError as exc:
+        assert agent.give_up(exc) == 1
+    assert ended == [True]
+    state = json.loads(store.objects["el/.batches/b/instance-0.state.json"])
+    assert state["phase"] == "failed" and "no answer" in state["error"]
+    for run in ("run-a", "run-b"):
+        assert store.objects[f"el/exp/{run}/out.txt"] == run.encode()
+        assert store.puts.index(f"el/exp/{run}/status.json") > store.puts.index(f"el/exp/{run}/out.txt")
+    err = capsys.readouterr().err
+    assert "the agent failed: " in err and "ended this instance" in err
 
 
 def nothing_created(aws, exp):

@@ -639,9 +639,11 @@ class CloudMode(Mode):
                         out[job.run_dir] = _reclaimed(job.run_dir, ident, inst_state)
                         recover.append(job)
                     else:
+                        failed = inst_state.get("error")  # its agent's last word (cloud_agent._give_up)
                         out[job.run_dir] = transitions.backend_ended(
                             job.run_dir,
-                            f"instance {ident} ({states.get(ident, 'missing')}; outputs as of its last sync at {when})",
+                            f"instance {ident} ({states.get(ident, 'missing')}; outputs as of its last sync at {when})"
+                            + (f"; its agent failed: {failed}" if failed else ""),
                             states.get(ident, "missing"),
                             State.FAILED,
                         )
