@@ -452,6 +452,17 @@ def _json_doc(body: bytes, what: str) -> Dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def terminate_self(provider: str, region: str, compute: str = "") -> None:
+    """End this instance from inside it, through its metadata service and the cloud's API (the
+    boot script calls it when it cannot start the agent: nothing else would end it)."""
+    if provider == "aws":
+        ec2_terminate(str(ImdsV2().get("instance-id")), region)
+        return
+    md = GceMetadata()
+    zone = str(md.get("instance/zone")).rsplit("/", 1)[-1]
+    gce_delete(compute, str(md.get("project/project-id")), zone, str(md.get("instance/name")), md)
+
+
 def gce_delete(
     compute: str, project: str, zone: str, name: str, metadata: Optional[GceMetadata] = None
 ) -> None:

@@ -260,6 +260,41 @@ def test_dry_run_prints_plan_and_creates_nothing(aws, capsys):
     assert [k for k in aws.objects(aws.bucket)] == []
 
 
+def test_a_boot_that_cannot_fetch_its_code_ends_its_instance(aws, log_dir, tmp_path):
+    # e.g. an instance profile that cannot read the bucket: the agent never starts, and nothing
+    # would sync, report or end the instance (it would run, and cost, until cleanup). The boot
+    # script (rendered by a dry run) runs here as the playing instance, with a bucket endpoint
+    # that answers nothing: it ends that instance through its metadata service and the EC2 API.
+    from easylaunch.cloudsim.players import free_port
+
+    job = easylaunch.run_experiment(
+        slow, exp_name="ec2-nofetch", mode="ec2", variant={}, sync_interval=1, skip_wait=True
+    )
+    ident = job.manifest["backend"]["instance_id"]
+    wait_for(lambda: job.state == State.RUNNING, 60, "the run to start on its instance")
+    easylaunch.run_experiment(
+        train, exp_name="ec2-nofetch-dry", mode="ec2", variant={"lr": 1}, dry_run=True, skip_wait=True
+    )
+    (script,) = (log_dir / "ec2-nofetch-dry").rglob("instance-0.boot.sh")
+    env = {
+        **{k: v for k, v in os.environ.items() if k.startswith("AWS_") and "ENDPOINT" not in k},
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "EASYLAUNCH_INSTANCE_ROOT": str(tmp_path / "vm"),
+        "EASYLAUNCH_METADATA_URL": aws.played(ident)["metadata"],
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "AWS_ENDPOINT_URL_EC2": aws.url,
+        "EASYLAUNCH_STORE_RETRY_SECONDS": "1",
+    }
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    boot = (tmp_path / "vm" / "boot.log").read_text()
+    assert proc.returncode == 1, boot
+    assert "easylaunch: fetching the code failed: " in boot and "easylaunch: ended this instance" in boot
+    wait_for(lambda: aws.live_instances("ec2-nofetch") == [], 60, "the instance to be terminated")
+    assert job.wait(120) == State.FAILED
+    assert ident in job.status["message"]
+
+
 def test_boot_script_too_large_becomes_a_stub(aws, monkeypatch):
     from easylaunch.modes import ec2
 

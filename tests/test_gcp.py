@@ -180,6 +180,38 @@ def test_no_project_is_a_clear_error_before_anything(tmp_path, monkeypatch, log_
 # -- cloudsim gcp + the GCS emulator ---------------------------------------------------------------
 
 
+def test_a_boot_that_cannot_fetch_its_code_ends_its_instance(cloud, log_dir, tmp_path):
+    # as on ec2 (test_cloud.py): the startup script, rendered by a dry run, runs here as the
+    # playing instance with a bucket endpoint that answers nothing, and deletes that instance
+    # through its metadata server (name, zone, project, token) and the Compute API
+    from easylaunch.cloudsim.players import free_port
+
+    job = easylaunch.run_experiment(
+        slow, exp_name="gcp-nofetch", mode="gcp", variant={}, sync_interval=1, skip_wait=True
+    )
+    name = job.manifest["backend"]["instance_id"]
+    wait_for(lambda: job.state == State.RUNNING, 60, "the run to start on its instance")
+    easylaunch.run_experiment(
+        function, exp_name="gcp-nofetch-dry", mode="gcp", variant={}, dry_run=True, skip_wait=True
+    )
+    (script,) = (log_dir / "gcp-nofetch-dry").rglob("instance-0.boot.sh")
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "EASYLAUNCH_INSTANCE_ROOT": str(tmp_path / "vm"),
+        "EASYLAUNCH_METADATA_URL": cloud.played(name)["metadata"],
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "EASYLAUNCH_STORE_RETRY_SECONDS": "1",
+    }
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    boot = (tmp_path / "vm" / "boot.log").read_text()
+    assert proc.returncode == 1, boot
+    assert "easylaunch: fetching the code failed: " in boot and "easylaunch: ended this instance" in boot
+    wait_for(lambda: cloud.instances("gcp-nofetch") == [], 60, "the instance to be deleted")
+    assert job.wait(120) == State.FAILED
+    assert name in job.status["message"]
+
+
 def nothing_created(cloud, exp):
     assert cloud.instances(exp) == []
     # the content-addressed code stays (it is shared by every launch of the same code)
