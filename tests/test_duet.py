@@ -355,9 +355,15 @@ with open("/tmp/cpu.timings", "w") as f:
 
 
 def cpu_config(
-    suite: str, python: str, engine: str, work_b: int, run_a: str | None = None, reps: int = 2
+    suite: str,
+    python: str,
+    engine: str,
+    work_b: int,
+    run_a: str | None = None,
+    reps: int = 2,
+    iters: int = 15,
 ) -> str:
-    block = lambda w: textwrap.indent(CPU_RUN.replace("ITERS", "15").replace("WORK", str(w)), "      ")  # noqa: E731
+    block = lambda w: textwrap.indent(CPU_RUN.replace("ITERS", str(iters)).replace("WORK", str(w)), "      ")  # noqa: E731
     return (f"duetbench:\n  suite: {suite}\n  seed: 7\n  docker_command: {engine}\n  duet_repetitions: {reps}\n"
             f"  image: {python}\n  results: [/tmp/cpu.timings]\n  duets: [loop]\n"
             f"loop:\n  A:\n    run: |\n{run_a or block(200000)}\n  B:\n    run: |\n{block(work_b)}\n")  # fmt: skip
@@ -365,8 +371,10 @@ def cpu_config(
 
 def test_real_ab_30pct_more_work_is_detected(tmp_path, engine):
     suite = f"cpu{uuid.uuid4().hex[:6]}"
-    # 5 repetitions: the shared 2-core CI machine's noise must not hide a 30% difference
-    path = write(tmp_path, cpu_config(suite, images(engine)["python"], engine, 260000, reps=5))
+    # 5 repetitions of 40 iterations: the noise of a shared 2-core machine (a whole test suite
+    # beside it) must not hide a 30% difference (15 iterations once gave 60 pairs, ratio 1.15
+    # and a CI that touched 0)
+    path = write(tmp_path, cpu_config(suite, images(engine)["python"], engine, 260000, reps=5, iters=40))
     out = tmp_path / "out"
     t0 = time.monotonic()
     proc = cli(str(path), "--outdir", str(out), env={"DOCKER_HOST": os.environ[ENGINE_HOSTS[engine]]})
@@ -376,7 +384,7 @@ def test_real_ab_30pct_more_work_is_detected(tmp_path, engine):
     proc = cli("process", "-c", str(path), str(out), "-o", str(csv), timeout=120)
     assert proc.returncode == 0, proc.stderr
     frame = pd.read_csv(csv)
-    assert len(frame) == 2 * 5 * 15
+    assert len(frame) == 2 * 5 * 40
     report = analyze(frame)
     row = report.iloc[0]
     print(f"{engine}: 30% A/B in {took:.1f}s: {row.pairs} pairs, CI [{row.ci_low_ns / 1e6:.2f}, "

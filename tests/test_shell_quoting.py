@@ -174,6 +174,8 @@ def render_direct(where: Path) -> dict:
         region=H,
         store_url=f"s3://{H}",
         fetch_source=cloud_fetch_source(),
+        compute_url=f"http://127.0.0.1:9/{H}",
+        terminate="1",
     )
     texts["cloud_boot.sh.j2"] = render(
         "cloud_boot.sh.j2", zips=[f"p/{H}.zip", f"q/{H}2.zip"], spec_key=H, docker_image=H, **cloud

@@ -405,7 +405,6 @@ class CloudMode(Mode):
             region=common.get("region") or "",
             store_url=provider.store_url().rsplit("/", 0)[0],
             fetch_source=fetch_source(),
-            provider_kind=provider.name,
             compute_url=common.get("compute") or "",
             terminate="1" if common.get("terminate", True) else "0",
         )
