@@ -10,6 +10,8 @@ and short runs' sweeps with monitoring on (the default) and off, side by side.
 - A local_pool sweep of ``-n`` trivial variants with the default ``monitor=1.0`` against the same
   sweep with ``monitor=0``, interleaved: a run shorter than one period must pay nothing (goal:
   within 5 %).
+- With ``--b2``, the same for B2's sweep itself (b2_local_pool_sweep.py: 1000 variants of a git
+  code dir, every result read through the Sweep handle).
 - With ``--b4`` (needs the Slurm service: source /tmp/easylaunch-services/slurm.env), the same
   for B4's packed Slurm sweep (``--b4-n`` variants, default 1000, as b8_txlog.py runs it).
 """
@@ -81,6 +83,7 @@ def main() -> int:
         p.add_argument("--seconds", type=float, default=None, help="length of the long run (default 60)")
         p.add_argument("-n", type=int, default=300, help="variants of the short-run sweeps (default 300)")
         p.add_argument("--repeat", type=int, default=None, help="sweeps per setting (default 3)")
+        p.add_argument("--b2", action="store_true", help="also B2's local_pool sweep, monitor on/off")
         p.add_argument("--b4", action="store_true", help="also B4's packed Slurm sweep, monitor on/off")
         p.add_argument("--b4-n", type=int, default=1000, help="variants of the B4 sweeps (default 1000)")
 
@@ -120,11 +123,35 @@ def main() -> int:
             "vs monitor=0",
             f"{ratio:.3f}x",
         )
-        if args.b4:
-            from b8_txlog import b4_once
+        if args.b2 or args.b4:
             from common import make_git_repo
 
             repo = make_git_repo(root / "repo")
+        if args.b2:
+            from b2_local_pool_sweep import sweep_once
+
+            on, off = [], []
+            for i in range(repeat):
+                off.append(
+                    sweep_once("local_pool", 1000, root / "logs", repo, f"b2-off{i}", monitor=0)["total"]
+                )
+                on.append(
+                    sweep_once("local_pool", 1000, root / "logs", repo, f"b2-on{i}", monitor=1.0)["total"]
+                )
+                print(f"B2 #{i}: off {off[-1]:.3f} s, on {on[-1]:.3f} s", flush=True)
+            ratio = median(on) / median(off)
+            ok &= ratio <= GOAL_RATIO
+            table.add("B2 local_pool sweep of 1000, monitor=0", f"{median(off):.3f} s")
+            table.add(
+                "B2 local_pool sweep of 1000, monitor=1.0",
+                f"{median(on):.3f} s",
+                f"<= {GOAL_RATIO}x",
+                "vs monitor=0",
+                f"{ratio:.3f}x",
+            )
+        if args.b4:
+            from b8_txlog import b4_once
+
             on, off = [], []
             for i in range(repeat):
                 off.append(b4_once(args.b4_n, root, repo, f"off{i}", trivial, monitor=0))

@@ -45,8 +45,11 @@ def square(i):
     return i * i
 
 
-def sweep_once(mode: str, n: int, logs: Path, repo: Path, exp_name: str, probe: bool = False) -> dict:
-    """One sweep; returns its rate and, with ``probe``, a timeline of where the time went."""
+def sweep_once(
+    mode: str, n: int, logs: Path, repo: Path, exp_name: str, probe: bool = False, **options
+) -> dict:
+    """One sweep; returns its rate and, with ``probe``, a timeline of where the time went
+    (``options``: more options of the sweep, e.g. ``monitor=0`` for b10_monitor.py)."""
     from easylaunch import api, batch, job, run_sweep
 
     marks: dict = {}
@@ -85,6 +88,7 @@ def sweep_once(mode: str, n: int, logs: Path, repo: Path, exp_name: str, probe: 
             mode=mode,
             base_log_dir=str(logs),
             code_dirs_to_mount=[str(repo)],
+            **options,
         )
         t_wait = time.time()
         results = sweep.results()
