@@ -21,7 +21,7 @@ NON_CODE_DIRS_TO_MOUNT = []
 LOCAL_LOG_DIR = None
 
 # output dir inside containers/VMs
-OUTPUT_DIR_FOR_DOODAD_TARGET = "/tmp/doodad-output/"
+OUTPUT_DIR_FOR_DOODAD_TARGET = '/tmp/doodad-output/'
 
 # local modes and local_docker: runs at once (default: CPU count)
 MAX_PARALLEL = None
@@ -42,10 +42,10 @@ DOODAD_DOCKER_IMAGE = None
 GPU_DOODAD_DOCKER_IMAGE = None
 
 # EC2 instance type for CPU runs
-INSTANCE_TYPE = "c4.2xlarge"
+INSTANCE_TYPE = 'c4.2xlarge'
 
 # EC2 instance type for GPU runs
-GPU_INSTANCE_TYPE = "g3.4xlarge"
+GPU_INSTANCE_TYPE = 'g3.4xlarge'
 
 # EC2 spot bid for CPU runs (USD/hour)
 SPOT_PRICE = 0.3
@@ -57,21 +57,7 @@ GPU_SPOT_PRICE = 0.5
 REGION_TO_GPU_AWS_IMAGE_ID = {}
 
 # doodad only; ignored: ec2/gcp sync everything a run writes (doodad's list lost files)
-AWS_FILE_TYPES_TO_SAVE = (
-    "*.txt",
-    "*.csv",
-    "*.json",
-    "*.gz",
-    "*.tar",
-    "*.log",
-    "*.pkl",
-    "*.mp4",
-    "*.png",
-    "*.jpg",
-    "*.jpeg",
-    "*.patch",
-    "*.html",
-)
+AWS_FILE_TYPES_TO_SAVE = ('*.txt', '*.csv', '*.json', '*.gz', '*.tar', '*.log', '*.pkl', '*.mp4', '*.png', '*.jpg', '*.jpeg', '*.patch', '*.html')
 
 # ec2: AMI for CPU runs (default: REGION_TO_GPU_AWS_IMAGE_ID[region])
 AWS_IMAGE_ID = None
@@ -89,7 +75,7 @@ AWS_SECURITY_GROUP_IDS = []
 AWS_KEY_NAME = None
 
 # ec2: default region
-AWS_REGION = "us-east-1"
+AWS_REGION = 'us-east-1'
 
 # ec2/gcp: a launch that would start more instances than this is refused (money guard)
 MAX_INSTANCES = 10
@@ -101,13 +87,13 @@ SSH_HOSTS = {}
 SSH_DEFAULT_HOST = None
 
 # mode ssh: key file of SSH_HOSTS entries without key_file (when it exists)
-SSH_PRIVATE_KEY = "~/.ssh/id_rsa"
+SSH_PRIVATE_KEY = '~/.ssh/id_rsa'
 
 # mode ssh: log dir on the hosts (an entry's log_dir wins)
-SSH_LOG_DIR = "~/easylaunch-logs"
+SSH_LOG_DIR = '~/easylaunch-logs'
 
 # doodad only; ignored (runs live in the remote log dir)
-SSH_TMP_DIR = "~/.cache/easylaunch"
+SSH_TMP_DIR = '~/.cache/easylaunch'
 
 # image for local_singularity / slurm_singularity
 SINGULARITY_IMAGE = None
@@ -119,7 +105,7 @@ SINGULARITY_PRE_CMDS = []
 SLURM_CONFIGS = {}
 
 # extra `singularity exec` arguments
-BRC_EXTRA_SINGULARITY_ARGS = ""
+BRC_EXTRA_SINGULARITY_ARGS = ''
 
 # htp: where the taskfile is copied to on the cluster
 TASKFILE_PATH_ON_BRC = None
@@ -164,24 +150,10 @@ GCP_BUCKET_NAME = None
 GCP_DEFAULT_KWARGS = {}
 
 # gcp: the instances' service account (their only credentials: bucket + self-delete scopes)
-GCP_SERVICE_ACCOUNT = "default"
+GCP_SERVICE_ACCOUNT = 'default'
 
 # doodad only; ignored: ec2/gcp sync everything a run writes (doodad's list lost files)
-GCP_FILE_TYPES_TO_SAVE = (
-    "*.txt",
-    "*.csv",
-    "*.json",
-    "*.gz",
-    "*.tar",
-    "*.log",
-    "*.pkl",
-    "*.mp4",
-    "*.png",
-    "*.jpg",
-    "*.jpeg",
-    "*.patch",
-    "*.html",
-)
+GCP_FILE_TYPES_TO_SAVE = ('*.txt', '*.csv', '*.json', '*.gz', '*.tar', '*.log', '*.pkl', '*.mp4', '*.png', '*.jpg', '*.jpeg', '*.patch', '*.html')
 
 # gcp: Compute API root (default: $EASYLAUNCH_GCP_COMPUTE_ENDPOINT, else Google's)
 GCP_COMPUTE_ENDPOINT = None

@@ -583,7 +583,9 @@ def test_notice_sync_retries_inside_the_window_while_the_bucket_refuses(gcp_refu
     name = job.manifest["backend"]["instance_id"]
     cloud.refusal.arm(6)  # the bucket refuses the instance from the notice on, for 6 s
     t0 = time.time()
-    cloud.call(f"/preempt?name={name}&window=20")
+    # GCE's own window (30 s), which the agent counts on: a shorter one reclaimed the instance
+    # before the agent's deadline when the CI machine was loaded
+    cloud.call(f"/preempt?name={name}&window=30")
     assert job.wait(90) == State.PREEMPTED, job.status
     wait_synced(job, "payload.attempt1.pkl", 30)  # the checkpoint came through
     status = job.status
@@ -600,7 +602,7 @@ def test_notice_sync_retries_inside_the_window_while_the_bucket_refuses(gcp_refu
     batch_key = job.manifest["backend"]["cloud"]["batch_key"]
     state = json.loads(cloud.objects(cloud.bucket)[f"{batch_key}/instance-0.state.json"])
     # inside the window (GCE's is 30 s; the agent keeps 5 s of it free)
-    assert state["final_sync"]["why"] == "notice" and state["final_sync"]["done"] - t0 < 20, state
+    assert state["final_sync"]["why"] == "notice" and state["final_sync"]["done"] - t0 < 25, state
     print(
         f"notice sync: refused {refused[-1][0] - refused[0][0]:.1f} s ({len(refused)} requests), done "
         f"{state['final_sync']['done'] - t0:.1f} s after the notice, on attempt {state['final_sync']['attempts']}"
