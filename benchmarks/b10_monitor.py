@@ -109,19 +109,28 @@ def main() -> int:
                 "",
                 ("OK" if r["percent"] <= GOAL_PERCENT else "OVER") if goal else "",
             )
-        on, off = [], []
-        for i in range(repeat):  # interleaved: the machine is shared
-            off.append(sweep(root / "logs", args.n, 0, f"off{i}"))
-            on.append(sweep(root / "logs", args.n, 1.0, f"on{i}"))
-        ratio = median(on) / median(off)
-        ok &= ratio <= GOAL_RATIO
-        table.add("local_pool sweep, monitor=0", f"{median(off):.3f} s")
-        table.add(
-            "local_pool sweep, monitor=1.0 (default)",
-            f"{median(on):.3f} s",
-            f"<= {GOAL_RATIO}x",
-            "vs monitor=0",
-            f"{ratio:.3f}x",
+
+        def compare(name: str, once) -> bool:
+            """``once(monitor, i)`` -> seconds; interleaved off/on (the machine is shared)."""
+            on, off = [], []
+            for i in range(repeat):
+                off.append(once(0, i))
+                on.append(once(1.0, i))
+                print(f"{name} #{i}: off {off[-1]:.3f} s, on {on[-1]:.3f} s", flush=True)
+            ratio = median(on) / median(off)
+            table.add(f"{name}, monitor=0", f"{median(off):.3f} s")
+            table.add(
+                f"{name}, monitor=1.0 (default)",
+                f"{median(on):.3f} s",
+                f"<= {GOAL_RATIO}x",
+                "vs monitor=0",
+                f"{ratio:.3f}x",
+            )
+            return ratio <= GOAL_RATIO
+
+        ok &= compare(
+            f"local_pool sweep of {args.n}",
+            lambda m, i: sweep(root / "logs", args.n, m, f"{'on' if m else 'off'}{i}"),
         )
         if args.b2 or args.b4:
             from common import make_git_repo
@@ -130,42 +139,18 @@ def main() -> int:
         if args.b2:
             from b2_local_pool_sweep import sweep_once
 
-            on, off = [], []
-            for i in range(repeat):
-                off.append(
-                    sweep_once("local_pool", 1000, root / "logs", repo, f"b2-off{i}", monitor=0)["total"]
-                )
-                on.append(
-                    sweep_once("local_pool", 1000, root / "logs", repo, f"b2-on{i}", monitor=1.0)["total"]
-                )
-                print(f"B2 #{i}: off {off[-1]:.3f} s, on {on[-1]:.3f} s", flush=True)
-            ratio = median(on) / median(off)
-            ok &= ratio <= GOAL_RATIO
-            table.add("B2 local_pool sweep of 1000, monitor=0", f"{median(off):.3f} s")
-            table.add(
-                "B2 local_pool sweep of 1000, monitor=1.0",
-                f"{median(on):.3f} s",
-                f"<= {GOAL_RATIO}x",
-                "vs monitor=0",
-                f"{ratio:.3f}x",
+            ok &= compare(
+                "B2 local_pool sweep of 1000",
+                lambda m, i: sweep_once("local_pool", 1000, root / "logs", repo, f"b2-{m}-{i}", monitor=m)[
+                    "total"
+                ],
             )
         if args.b4:
             from b8_txlog import b4_once
 
-            on, off = [], []
-            for i in range(repeat):
-                off.append(b4_once(args.b4_n, root, repo, f"off{i}", trivial, monitor=0))
-                on.append(b4_once(args.b4_n, root, repo, f"on{i}", trivial, monitor=1.0))
-                print(f"B4 #{i}: off {off[-1]:.3f} s, on {on[-1]:.3f} s", flush=True)
-            ratio = median(on) / median(off)
-            ok &= ratio <= GOAL_RATIO
-            table.add(f"B4 packed Slurm sweep of {args.b4_n}, monitor=0", f"{median(off):.3f} s")
-            table.add(
-                f"B4 packed Slurm sweep of {args.b4_n}, monitor=1.0",
-                f"{median(on):.3f} s",
-                f"<= {GOAL_RATIO}x",
-                "vs monitor=0",
-                f"{ratio:.3f}x",
+            ok &= compare(
+                f"B4 packed Slurm sweep of {args.b4_n}",
+                lambda m, i: b4_once(args.b4_n, root, repo, f"{'on' if m else 'off'}{i}", trivial, monitor=m),
             )
     table.print()
     return 0 if ok else 1
