@@ -545,3 +545,48 @@ def gcp_refusing(gcp_refusing_cloud, monkeypatch, tmp_path, request):
     cloud.refusal.reset(lambda method, path: f"/b/{bucket}/" in path)
     yield cloud
     next(gen, None)
+
+
+def boot_without_its_code(mode: str, dry_exp: str, fn, log_dir: Path, work: Path, env: Dict[str, str]) -> str:
+    """Render ``mode``'s boot script with a dry run (experiment ``dry_exp``) and run it here as
+    an instance whose bucket answers nothing (``env``: its metadata URL and endpoints); checks
+    that it fails and that it says it ended the instance; returns its boot.log."""
+    import easylaunch
+
+    easylaunch.run_experiment(fn, exp_name=dry_exp, mode=mode, variant={}, dry_run=True, skip_wait=True)
+    (script,) = (log_dir / dry_exp).rglob("instance-0.boot.sh")
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work),
+        "EASYLAUNCH_INSTANCE_ROOT": str(work / "vm"),
+        "EASYLAUNCH_STORE_RETRY_SECONDS": "1",
+        **env,
+    }
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    boot = (work / "vm" / "boot.log").read_text()
+    assert proc.returncode == 1, boot
+    assert "easylaunch: fetching the code failed: " in boot and "easylaunch: ended this instance" in boot
+    return boot
+
+
+def in_container(doodad_config, variant):
+    import os
+
+    return os.path.exists("/.dockerenv"), open("/etc/os-release").read().split("\n")[0]
+
+
+def run_in_docker_on_the_instance(mode: str, exp: str):
+    """A run with ``docker_image=`` on a played instance of ``mode``: it runs inside the image,
+    through the instance's dockerd. Returns its job."""
+    import easylaunch
+    from easylaunch import State
+
+    require_service("docker")
+    image = os.environ.get("EASYLAUNCH_TEST_DOCKER_IMAGE") or "local/debian-python:bookworm"
+    job = easylaunch.run_experiment(
+        in_container, exp_name=exp, mode=mode, variant={}, docker_image=image, sync_interval=1, skip_wait=True
+    )
+    assert job.wait(180) == State.COMPLETED, job.status
+    inside, release = job.result()
+    assert inside and "Debian" in release
+    return job

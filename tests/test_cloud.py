@@ -27,10 +27,12 @@ from cloudsim_fixtures import (  # noqa: F401 (fixtures)
     aws_cloud,
     aws_refusing,
     aws_refusing_cloud,
+    boot_without_its_code,
+    run_in_docker_on_the_instance,
     slow,
     wait_synced,
 )
-from conftest import require_service, wait_for
+from conftest import wait_for
 
 import easylaunch
 from easylaunch import State, cloud_store
@@ -272,24 +274,19 @@ def test_a_boot_that_cannot_fetch_its_code_ends_its_instance(aws, log_dir, tmp_p
     )
     ident = job.manifest["backend"]["instance_id"]
     wait_for(lambda: job.state == State.RUNNING, 60, "the run to start on its instance")
-    easylaunch.run_experiment(
-        train, exp_name="ec2-nofetch-dry", mode="ec2", variant={"lr": 1}, dry_run=True, skip_wait=True
+    boot_without_its_code(
+        "ec2",
+        "ec2-nofetch-dry",
+        train,
+        log_dir,
+        tmp_path,
+        {
+            **{k: v for k, v in os.environ.items() if k.startswith("AWS_") and "ENDPOINT" not in k},
+            "EASYLAUNCH_METADATA_URL": aws.played(ident)["metadata"],
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+            "AWS_ENDPOINT_URL_EC2": aws.url,
+        },
     )
-    (script,) = (log_dir / "ec2-nofetch-dry").rglob("instance-0.boot.sh")
-    env = {
-        **{k: v for k, v in os.environ.items() if k.startswith("AWS_") and "ENDPOINT" not in k},
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "EASYLAUNCH_INSTANCE_ROOT": str(tmp_path / "vm"),
-        "EASYLAUNCH_METADATA_URL": aws.played(ident)["metadata"],
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}",  # nothing listens there
-        "AWS_ENDPOINT_URL_EC2": aws.url,
-        "EASYLAUNCH_STORE_RETRY_SECONDS": "1",
-    }
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
-    boot = (tmp_path / "vm" / "boot.log").read_text()
-    assert proc.returncode == 1, boot
-    assert "easylaunch: fetching the code failed: " in boot and "easylaunch: ended this instance" in boot
     wait_for(lambda: aws.live_instances("ec2-nofetch") == [], 60, "the instance to be terminated")
     assert job.wait(120) == State.FAILED
     assert ident in job.status["message"]
@@ -602,27 +599,8 @@ def test_launcher_killed_after_submit_recovers_from_the_bucket(aws, tmp_path, lo
 # -- Docker on the instance ---------------------------------------------------------------------
 
 
-def in_container(doodad_config, variant):
-    import os
-
-    return os.path.exists("/.dockerenv"), open("/etc/os-release").read().split("\n")[0]
-
-
 def test_docker_image_on_the_instance_runs_through_dockerd(aws):
-    require_service("docker")
-    image = os.environ.get("EASYLAUNCH_TEST_DOCKER_IMAGE") or "local/debian-python:bookworm"
-    job = easylaunch.run_experiment(
-        in_container,
-        exp_name="ec2-docker",
-        mode="ec2",
-        variant={},
-        docker_image=image,
-        sync_interval=1,
-        skip_wait=True,
-    )
-    assert job.wait(180) == State.COMPLETED, job.status
-    inside, release = job.result()
-    assert inside and "Debian" in release
+    run_in_docker_on_the_instance("ec2", "ec2-docker")
 
 
 # -- secrets ----------------------------------------------------------------------------------

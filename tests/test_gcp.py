@@ -4,7 +4,6 @@ sent and plays each instance: its startup script runs for real here) and the GCS
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,14 +18,16 @@ from cloudsim_fixtures import (  # noqa: F401 (fixtures)
     PROJECT,
     FaultProxy,
     Resumable,
+    boot_without_its_code,
     cloud,
     gcp_cloud,
     gcp_refusing,
     gcp_refusing_cloud,
+    run_in_docker_on_the_instance,
     slow,
     wait_synced,
 )
-from conftest import require_service, wait_for
+from conftest import wait_for
 
 import easylaunch
 from easylaunch import State
@@ -191,22 +192,17 @@ def test_a_boot_that_cannot_fetch_its_code_ends_its_instance(cloud, log_dir, tmp
     )
     name = job.manifest["backend"]["instance_id"]
     wait_for(lambda: job.state == State.RUNNING, 60, "the run to start on its instance")
-    easylaunch.run_experiment(
-        function, exp_name="gcp-nofetch-dry", mode="gcp", variant={}, dry_run=True, skip_wait=True
+    boot_without_its_code(
+        "gcp",
+        "gcp-nofetch-dry",
+        function,
+        log_dir,
+        tmp_path,
+        {
+            "EASYLAUNCH_METADATA_URL": cloud.played(name)["metadata"],
+            "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        },
     )
-    (script,) = (log_dir / "gcp-nofetch-dry").rglob("instance-0.boot.sh")
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "EASYLAUNCH_INSTANCE_ROOT": str(tmp_path / "vm"),
-        "EASYLAUNCH_METADATA_URL": cloud.played(name)["metadata"],
-        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there
-        "EASYLAUNCH_STORE_RETRY_SECONDS": "1",
-    }
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
-    boot = (tmp_path / "vm" / "boot.log").read_text()
-    assert proc.returncode == 1, boot
-    assert "easylaunch: fetching the code failed: " in boot and "easylaunch: ended this instance" in boot
     wait_for(lambda: cloud.instances("gcp-nofetch") == [], 60, "the instance to be deleted")
     assert job.wait(120) == State.FAILED
     assert name in job.status["message"]
@@ -672,27 +668,8 @@ def test_recover_waits_while_the_instance_syncs_its_checkpoint(cloud, monkeypatc
 # -- Docker on the instance ----------------------------------------------------------------------
 
 
-def in_container(doodad_config, variant):
-    import os
-
-    return os.path.exists("/.dockerenv"), open("/etc/os-release").read().split("\n")[0]
-
-
 def test_docker_image_on_the_instance_runs_through_dockerd(cloud):
-    require_service("docker")
-    image = os.environ.get("EASYLAUNCH_TEST_DOCKER_IMAGE") or "local/debian-python:bookworm"
-    job = easylaunch.run_experiment(
-        in_container,
-        exp_name="gcp-docker",
-        mode="gcp",
-        variant={},
-        docker_image=image,
-        sync_interval=1,
-        skip_wait=True,
-    )
-    assert job.wait(180) == State.COMPLETED, job.status
-    inside, release = job.result()
-    assert inside and "Debian" in release
+    job = run_in_docker_on_the_instance("gcp", "gcp-docker")
     name = job.manifest["backend"]["instance_id"]
     (insert,) = [r for r in cloud.inserts() if r["body"]["name"] == name]
     items = {i["key"]: i["value"] for i in insert["body"]["metadata"]["items"]}
