@@ -255,7 +255,6 @@ class _Series:
         self.peak_rss = 0
         self.peak_gpu = 0
         self.cpu_sum = 0.0  # sum of cpu_percent over samples
-        self.max_error = 0.0
         self.out: Optional[Any] = None
 
     def due(self) -> float:
@@ -282,7 +281,6 @@ class _Series:
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_gpu = max(self.peak_gpu, gpu_bytes)
         self.cpu_sum += percent
-        self.max_error = max(self.max_error, now - due)
         if self.out is None:
             path = self.run_dir / CSV_NAME
             new = not path.exists()
@@ -367,14 +365,6 @@ class Monitor:
         self.start_times = os.times()
         self.off_reason: Optional[str] = None
         self.own_cpu = 0.0
-
-    @property
-    def samples(self) -> int:
-        return self.series.samples if self.series is not None else 0
-
-    @property
-    def max_error(self) -> float:
-        return self.series.max_error if self.series is not None else 0.0
 
     def start(self) -> "Monitor":
         self.start_mono = time.monotonic()
