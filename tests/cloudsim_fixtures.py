@@ -187,6 +187,10 @@ class Refusal:
         self.armed_at.append(time.time())
         self.until = time.time() + seconds
 
+    def disarm(self) -> None:
+        """Answer again from now on (a test that refuses until it has seen what it waits for)."""
+        self.until = 0.0
+
     def __call__(self, method: str, path: str, body: bytes):
         parts = urllib.parse.urlsplit(path)
         if parts.path == "/__refuse__":

@@ -577,11 +577,23 @@ def test_notice_sync_retries_inside_the_window_while_the_bucket_refuses(gcp_refu
     )
     wait_synced(job)
     name = job.manifest["backend"]["instance_id"]
-    cloud.refusal.arm(6)  # the bucket refuses the instance from the notice on, for 6 s
+    root = Path(cloud.played(name)["root"])
     t0 = time.time()
+    # the bucket refuses the instance from the notice on, until its final sync has failed once:
+    # a fixed spell (6 s) ended before the final sync began when the CI machine was loaded (a
+    # periodic sync in flight at the notice retries for 5 s first), and then nothing failed
+    cloud.refusal.arm(120)
     # GCE's own window (30 s), which the agent counts on: a shorter one reclaimed the instance
     # before the agent's deadline when the CI machine was loaded
     cloud.call(f"/preempt?name={name}&window=30")
+    try:
+        wait_for(
+            lambda: "final sync (notice): attempt 1 failed: " in (root / "boot.log").read_text(),
+            25,
+            "the final sync's first attempt to be refused",
+        )
+    finally:
+        cloud.refusal.disarm()
     assert job.wait(90) == State.PREEMPTED, job.status
     wait_synced(job, "payload.attempt1.pkl", 30)  # the checkpoint came through
     status = job.status
@@ -589,7 +601,6 @@ def test_notice_sync_retries_inside_the_window_while_the_bucket_refuses(gcp_refu
     assert "its checkpoint was saved" in status["message"]
     refused = cloud.refusal.refused
     assert len(refused) >= 3 and refused[0][0] >= t0, refused
-    root = Path(cloud.played(name)["root"])
     wait_for(lambda: "done on attempt" in (root / "boot.log").read_text(), 30, "the agent's last line")
     log = (root / "boot.log").read_text()
     assert "final sync (notice): attempt 1 failed: " in log, log
