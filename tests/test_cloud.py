@@ -8,6 +8,8 @@ import base64
 import hashlib
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -290,6 +292,36 @@ def test_a_boot_that_cannot_fetch_its_code_ends_its_instance(aws, log_dir, tmp_p
     wait_for(lambda: aws.live_instances("ec2-nofetch") == [], 60, "the instance to be terminated")
     assert job.wait(120) == State.FAILED
     assert ident in job.status["message"]
+
+
+@pytest.mark.parametrize("terminate", [True, False])
+def test_a_boot_on_an_image_without_python_powers_the_instance_off(aws, log_dir, tmp_path, terminate):
+    # an AMI without python3: the agent cannot start, and nothing would sync, report or end the
+    # instance; the boot script powers it off (user data sets shutdown behaviour = terminate). The
+    # rendered script runs here with a PATH of bash's tools but no Python, and a shutdown that
+    # records its arguments.
+    exp = f"ec2-nopython-{terminate}"
+    easylaunch.run_experiment(
+        train, exp_name=exp, mode="ec2", variant={}, dry_run=True, skip_wait=True, terminate=terminate
+    )
+    (script,) = (log_dir / exp).rglob("instance-0.boot.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("mkdir", "date"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    said = tmp_path / "shutdown.args"
+    (bin_dir / "shutdown").write_text(f'#!/bin/bash\necho "$@" > {shlex.quote(str(said))}\n')
+    (bin_dir / "shutdown").chmod(0o755)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "EASYLAUNCH_INSTANCE_ROOT": str(tmp_path / "vm")}
+    script.chmod(0o700)  # executed as cloud-init does: the shebang chooses bash
+    proc = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+    boot = (tmp_path / "vm" / "boot.log").read_text()
+    assert proc.returncode == 1, (proc.stderr, boot)
+    assert "easylaunch: no python3 on this image: the agent cannot start" in boot, boot
+    if terminate:
+        assert "powering off" in boot and said.read_text() == "-h now\n", boot
+    else:
+        assert "the instance stays up" in boot and not said.exists(), boot
 
 
 def test_boot_script_too_large_becomes_a_stub(aws, monkeypatch):

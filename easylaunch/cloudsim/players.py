@@ -148,18 +148,19 @@ class InstancePlayer:
             ]
             for k, v in env.items():
                 args += ["-e", f"{k}={v}"]
-            args += [image, "bash", self.script_path]
+            args += [image, self.script_path]
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=console, stderr=console, start_new_session=True
             )
         else:
-            self.proc = self._bash(self.script_path, console, env)
+            self.proc = self._exec(self.script_path, console, env)
         console.close()
 
-    def _bash(self, path: str, log: Any, env: Dict[str, str]) -> subprocess.Popen:
-        """``bash PATH`` on this machine, in the instance's root, with a fresh VM's environment."""
+    def _exec(self, path: str, log: Any, env: Dict[str, str]) -> subprocess.Popen:
+        """The script itself on this machine (its shebang chooses the shell, as cloud-init and
+        GCE's script runner execute it), in the instance's root, with a fresh VM's environment."""
         return subprocess.Popen(
-            ["bash", path],
+            [path],
             cwd=self.root,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -172,10 +173,11 @@ class InstancePlayer:
         """Run another script of the instance (GCE's shutdown-script) beside its boot script:
         ``NAME.sh``, its output in ``NAME.log`` of the instance's directory."""
         path = os.path.join(self.dir, f"{name}.sh")
-        with open(path, "w") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+        with os.fdopen(fd, "w") as f:
             f.write(script)
         with open(os.path.join(self.dir, f"{name}.log"), "ab") as log:
-            return self._bash(path, log, env)
+            return self._exec(path, log, env)
 
     def alive(self) -> bool:
         if self.exit_code is None and self.proc.poll() is not None:
