@@ -156,9 +156,11 @@ def cancel_forced(run_dir: PathLike, who: str, grace: float) -> State:
     )
 
 
-def backend_ended(run_dir: PathLike, who: str, backend_state: str, state: State) -> State:
-    """The backend says the run's task ended (``backend_state``) and the run left no record."""
-    return settle(run_dir, state, f"{who} ended as {backend_state} without this run's record")
+def backend_ended(run_dir: PathLike, who: str, backend_state: str, state: State, why: str = "") -> State:
+    """The backend says the run's task ended (``backend_state``) and the run left no record
+    (``why``: what else the backend knows, appended)."""
+    message = f"{who} ended as {backend_state} without this run's record"
+    return settle(run_dir, state, f"{message}; {why}" if why else message)
 
 
 def container_exited(

@@ -55,6 +55,9 @@ class FakeProvider(cloud.Provider):
             if k.startswith(prefix)
         }
 
+    def console_hint(self, ident, resolved):
+        return f"`fake console {ident} {resolved['zone']}`"
+
     def describe(self, ids, resolved):
         """As GCE's instances.list: what is in the zone asked about (the rest looks missing)."""
         self.sky.calls["describe"] += 1
@@ -156,12 +159,20 @@ def test_a_killed_instance_is_read_once_for_all_its_runs(tmp_path):
     assert [transitions.current(j.run_dir) for j in jobs] == [State.FAILED] * 3
     assert "last sync" in records.read_status(jobs[0].run_dir)["message"]
     assert sky.gets == [f"{BATCH_KEY}/instance-0.state.json"]  # one GET, not one per run
-    # an instance that never wrote its state object: nothing to GET
+    assert "never started its agent" not in records.read_status(jobs[0].run_dir)["message"]
+    # an instance that never wrote its state object: nothing to GET, and the message says its
+    # boot failed before the agent started, and where its boot output is
     sky2 = FakeCloud()
     sky2.instances["i-9"] = ("z1", "terminated")
     lone = run(tmp_path / "two", "run-9", "i-9")
     make_mode(sky2).poll([lone])
     assert transitions.current(lone.run_dir) == State.FAILED and sky2.gets == []
+    message = records.read_status(lone.run_dir)["message"]
+    assert message.startswith("instance i-9 (outputs as of its last sync at never) ended as terminated"), (
+        message
+    )
+    assert "never started its agent" in message, message
+    assert message.endswith("`fake console i-9 z1`"), message
 
 
 def test_a_poll_that_fetched_outputs_does_not_hold_the_next_one_back(tmp_path, monkeypatch):

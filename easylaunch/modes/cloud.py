@@ -88,6 +88,11 @@ class CloudError(RuntimeError):
     """The cloud refused something or is misconfigured; the message names it and the fix."""
 
 
+def state_key(batch_key: str, index: int) -> str:
+    """The bucket key of an instance's own record (written by its agent)."""
+    return f"{batch_key}/instance-{index}.state.json"
+
+
 def fetch_source() -> str:
     """easylaunch/cloud_store.py, zlib + base64: the boot script's inlined bucket client."""
     source = (Path(__file__).resolve().parent.parent / "cloud_store.py").read_bytes()
@@ -189,13 +194,18 @@ class Provider:
         raise NotImplementedError
 
     def strays(self, exp: Optional[str], resolved: Dict[str, Any]) -> List[Dict[str, Any]]:
-        """Live instances easylaunch made (of ``exp``): ``[{"id", "name", "state", "exp", "batch",
-        "runs"}]`` (``runs``: the run names it serves, comma-separated)."""
+        """Instances easylaunch made (of ``exp``) that still exist, running or stopped:
+        ``[{"id", "name", "state", "exp", "batch", "runs"}]`` (``runs``: the run names it
+        serves, comma-separated)."""
         raise NotImplementedError
 
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:
         """Lines for a dry run: types, spot prices, cost per hour where the API gives it."""
         return []
+
+    def console_hint(self, ident: str, resolved: Dict[str, Any]) -> str:
+        """The command that shows an instance's boot output (its boot script's messages)."""
+        raise NotImplementedError
 
     # the place strays are looked for (``easylaunch cloud cleanup``)
     @classmethod
@@ -387,7 +397,7 @@ class CloudMode(Mode):
             "batch_id": batch_id,
             "instance": inst.index,
             "groups": [[Path(r.run_dir).name for r in g] for g in inst.groups],
-            "state_key": common["batch_key"] + f"/instance-{inst.index}.state.json",
+            "state_key": state_key(common["batch_key"], inst.index),
         }
 
     def _render(
@@ -642,12 +652,20 @@ class CloudMode(Mode):
                         recover.append(job)
                     else:
                         failed = inst_state.get("error")  # its agent's last word (cloud_agent._give_up)
+                        why = f"its agent failed: {failed}" if failed else ""
+                        if state_key(batch_key, backend["instance"]) not in listing:
+                            # no record at all: its boot script failed before the agent started
+                            why = (
+                                "it never started its agent (no python3 on the image? the bucket not "
+                                "readable by its role?); its boot output: "
+                                + provider.console_hint(ident, backend["cloud"].get("resolved") or {})
+                            )
                         out[job.run_dir] = transitions.backend_ended(
                             job.run_dir,
-                            f"instance {ident} ({states.get(ident, 'missing')}; outputs as of its last sync at {when})"
-                            + (f"; its agent failed: {failed}" if failed else ""),
+                            f"instance {ident} (outputs as of its last sync at {when})",
                             states.get(ident, "missing"),
                             State.FAILED,
+                            why,
                         )
         if recover:
             self._auto_recover(recover, out)
@@ -675,7 +693,7 @@ class CloudMode(Mode):
     def _instance_state(
         self, provider: Provider, batch_key: str, index: int, listing: Dict[str, Tuple[int, str]]
     ) -> Dict[str, Any]:
-        key = f"{batch_key}/instance-{index}.state.json"
+        key = state_key(batch_key, index)
         if key not in listing:
             return {}  # the instance never wrote one (listed after it was gone)
         try:

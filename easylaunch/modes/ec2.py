@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..options import Option
@@ -356,6 +357,10 @@ class Ec2Provider(Provider):
 
     def location(self) -> str:
         return f"region {self.region}"
+
+    def console_hint(self, ident: str, resolved: Dict[str, Any]) -> str:
+        region = shlex.quote(resolved.get("region") or self.region)
+        return f"`aws ec2 get-console-output --latest --region {region} --instance-id {shlex.quote(ident)}`"
 
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:
         lines = [

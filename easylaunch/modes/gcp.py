@@ -32,6 +32,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..options import Option
@@ -601,9 +602,9 @@ class GcpProvider(Provider):
         project, zone = self._place(resolved)
         request = compute_v1.ListInstancesRequest(project=project, zone=zone, filter=flt)
         out = []
+        # TERMINATED (stopped: its boot disk is still billed, e.g. one that powered itself off
+        # without python3) is a stray too; a deleted instance is not listed at all
         for inst in self.client("Instances").list(request=request):
-            if str(inst.status) in ("TERMINATED",):
-                continue
             meta = {i.key: i.value for i in inst.metadata.items} if inst.metadata else {}
             out.append(
                 {
@@ -632,6 +633,14 @@ class GcpProvider(Provider):
 
     def location(self) -> str:
         return f"project {self.project()}, zone {self.zone()}"
+
+    def console_hint(self, ident: str, resolved: Dict[str, Any]) -> str:
+        zone = shlex.quote(resolved.get("zone") or self.zone())
+        project = shlex.quote(resolved.get("project") or self.project())
+        return (
+            f"`gcloud compute instances get-serial-port-output {shlex.quote(ident)} --zone {zone} "
+            f"--project {project}` (while the instance exists)"
+        )
 
     def describe_plan(self, resolved: Dict[str, Any], n: int) -> List[str]:
         gpus = ", ".join(
