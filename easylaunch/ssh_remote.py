@@ -146,13 +146,63 @@ class DockerSocket:
             self.timeout = old
 
     def logs(self, container: str) -> bytes:
-        raw = self.call("GET", "/containers/%s/logs?stdout=1&stderr=1" % container, raw=True)
-        out, i = [], 0
-        while i + 8 <= len(raw):  # [stream, 0, 0, 0, size (4 bytes, big endian)] + payload
-            size = int.from_bytes(raw[i + 4 : i + 8], "big")
-            out.append(raw[i + 8 : i + 8 + size])
-            i += 8 + size
-        return b"".join(out)
+        return _demux(self.call("GET", "/containers/%s/logs?stdout=1&stderr=1" % container, raw=True))
+
+    def pull(self, image: str) -> None:
+        """Pull ``image`` (``name[:tag]``) when the daemon lacks it; EngineError when it cannot
+        (the daemon answers 200 and reports the failure inside its progress stream)."""
+        from urllib.parse import quote
+
+        if self.image(image) is not None:
+            return
+        old, self.timeout = self.timeout, max(self.timeout, 1800)
+        try:
+            raw = self.call("POST", "/images/create?fromImage=%s" % quote(image, safe=""), raw=True)
+        finally:
+            self.timeout = old
+        for line in raw.decode(errors="replace").splitlines():
+            try:
+                error = json.loads(line).get("error")
+            except (ValueError, AttributeError):
+                continue
+            if error:
+                raise EngineError(500, "pulling %s: %s" % (image, error))
+        if self.image(image) is None:
+            raise EngineError(404, "image %s is not on the daemon after its pull" % image)
+
+    def exec_run(self, container: str, argv: Sequence[str], timeout: Optional[float] = None) -> tuple:
+        """Run ``argv`` in a running container until it ends: ``(exit code, stdout + stderr)``.
+        ``timeout``: seconds the command may take (default: no limit)."""
+        ident = self.call(
+            "POST",
+            "/containers/%s/exec" % container,
+            {"Cmd": list(argv), "AttachStdout": True, "AttachStderr": True},
+        )["Id"]
+        old, self.timeout = self.timeout, timeout
+        try:
+            raw = self.call("POST", "/exec/%s/start" % ident, {"Detach": False, "Tty": False}, raw=True)
+        finally:
+            self.timeout = old
+        return (self.call("GET", "/exec/%s/json" % ident) or {}).get("ExitCode"), _demux(raw)
+
+    def archive(self, container: str, path: str) -> bytes:
+        """``path`` of the container as a tar archive (EngineError 404 when it is missing)."""
+        from urllib.parse import quote
+
+        return self.call(
+            "GET", "/containers/%s/archive?path=%s" % (container, quote(path, safe="")), raw=True
+        )
+
+
+def _demux(raw: bytes) -> bytes:
+    """The payloads of a multiplexed Docker stream: frames of [stream, 0, 0, 0, size (4 bytes,
+    big endian)] + payload, stdout and stderr in the order they were written."""
+    out, i = [], 0
+    while i + 8 <= len(raw):
+        size = int.from_bytes(raw[i + 4 : i + 8], "big")
+        out.append(raw[i + 8 : i + 8 + size])
+        i += 8 + size
+    return b"".join(out)
 
 
 _IMAGE_PROBE = (

@@ -1,7 +1,10 @@
 """Run duets: two long-lived containers per duet, A and B started at once, results copied out.
 
-Containers carry the label ``io.easylaunch.duet=<session id>`` (and ``io.easylaunch.managed``) and are
-ALWAYS stopped and removed in a ``finally`` (failure, Ctrl-C)."""
+The engine (dockerd or Podman) is reached through its API socket with easylaunch's own
+standard-library client (:class:`easylaunch.ssh_remote.DockerSocket`), so a duet runs as a job
+on any target with a Python and an engine (an SSH host, a cloud instance), no Docker SDK needed.
+Containers carry the label ``io.easylaunch.duet=<session id>`` (and ``io.easylaunch.managed``)
+and are ALWAYS stopped and removed in a ``finally`` (failure, Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ import subprocess
 import tarfile
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..ssh_remote import DockerSocket, EngineError
 from .config import DuetConfig, result_name
 
 log = logging.getLogger("easylaunch.duet")
@@ -25,14 +30,62 @@ ENGINE_SOCKETS = {"docker": "unix:///var/run/docker.sock", "podman": "unix:///ru
 
 
 class DuetRunError(RuntimeError):
-    """A benchmark command failed or a result path was missing."""
+    """A benchmark command failed, a result path was missing, or the engine is unreachable."""
 
 
-def _client(docker: str):
-    import docker as sdk
+@dataclass
+class Container:
+    """One side's long-lived container."""
 
-    url = os.environ.get("DOCKER_HOST") or ENGINE_SOCKETS.get(docker)
-    return sdk.DockerClient(base_url=url, timeout=600)
+    engine: DockerSocket
+    id: str
+    name: str
+
+    def exec_run(self, cmd: str) -> tuple:
+        return self.engine.exec_run(self.id, ["sh", "-c", cmd])
+
+    def remove(self) -> None:
+        self.engine.remove(self.id)
+
+
+def engine_url(docker: str, docker_host: Optional[str] = None) -> str:
+    """The engine's socket: ``docker_host``, else ``$DOCKER_HOST``, else ``docker``'s usual one."""
+    return (
+        docker_host or os.environ.get("DOCKER_HOST") or ENGINE_SOCKETS.get(docker, ENGINE_SOCKETS["docker"])
+    )
+
+
+def _client(docker: str, docker_host: Optional[str] = None) -> DockerSocket:
+    url = engine_url(docker, docker_host)
+    if not url.startswith("unix://"):
+        raise DuetRunError(
+            f"engine socket {url!r}: easylaunch duet talks to {docker} through a unix socket; give "
+            "--docker-host unix:///path (or DOCKER_HOST) on the machine that runs the duet"
+        )
+    engine = DockerSocket(url, timeout=600)
+    try:
+        engine.ping()
+    except (OSError, EngineError) as exc:
+        raise DuetRunError(
+            f"no {docker} engine answers at {url} ({exc}); start it, or give --docker-host "
+            "unix:///path of the one to use"
+        ) from None
+    return engine
+
+
+def _start(engine: DockerSocket, image: str, name: str, labels: dict) -> Container:
+    try:
+        engine.pull(image)
+    except EngineError as exc:
+        raise DuetRunError(f"image {image!r}: {exc.message}") from None
+    body = {"Image": image, "Cmd": KEEPALIVE, "Entrypoint": [], "Labels": labels}
+    container = Container(engine, engine.create(body, name), name)
+    try:
+        engine.start(container.id)
+    except BaseException:
+        container.remove()
+        raise
+    return container
 
 
 def _artifacts(config: DuetConfig, outdir: Path) -> None:
@@ -43,18 +96,19 @@ def _artifacts(config: DuetConfig, outdir: Path) -> None:
         (art / name).write_text(proc.stdout + (proc.stderr if proc.returncode else ""))
 
 
-def _copy_out(container, path: str, dest_prefix: Path) -> list[Path]:
+def _copy_out(container: Container, path: str, dest_prefix: Path) -> list[Path]:
     try:
-        stream, _ = container.get_archive(path)
-    except Exception as exc:
+        buf = io.BytesIO(container.engine.archive(container.id, path))
+    except EngineError as exc:
         raise DuetRunError(f"result path {path} is missing in {container.name}: {exc}") from None
-    buf = io.BytesIO(b"".join(stream))
     written = []
     with tarfile.open(fileobj=buf) as tar:
         for member in tar.getmembers():
             if not member.isfile():
                 continue
             rel = member.name.split("/", 1)
+            if member.name.startswith("/") or ".." in member.name.split("/"):
+                continue  # nothing is written outside the results directory
             base = Path(path).name
             target = (
                 Path(f"{dest_prefix}.{base}") if len(rel) == 1 else Path(f"{dest_prefix}.{base}") / rel[1]
@@ -65,10 +119,10 @@ def _copy_out(container, path: str, dest_prefix: Path) -> list[Path]:
     return written
 
 
-def _exec(container, cmd: str, out: dict, key: str) -> None:
+def _exec(container: Container, cmd: str, out: dict, key: str) -> None:
     try:
-        res = container.exec_run(["sh", "-c", cmd], demux=False)
-        out[key] = (res.exit_code, (res.output or b"").decode(errors="replace"))
+        code, output = container.exec_run(cmd)
+        out[key] = (code, output.decode(errors="replace"))
     except BaseException as exc:  # reported by the caller
         out[key] = (-1, repr(exc))
 
@@ -78,18 +132,20 @@ def run_duets(
     outdir: str | os.PathLike,
     docker: Optional[str] = None,
     session: Optional[str] = None,
+    docker_host: Optional[str] = None,
 ) -> Path:
-    """Run every duet of ``configs`` into ``outdir`` (which must not exist); returns it::
+    """Run every duet of ``configs`` into ``outdir`` (which must not exist); returns it.
+    ``docker_host``: the engine's socket (default ``$DOCKER_HOST``, else the engine's usual one)::
 
     run_duets(load_configs(["a.duet.yml"]), "results", docker="podman")
     """
     out = Path(outdir)
     if out.exists():
         raise FileExistsError(f"{out} exists; give a new --outdir (duetbench never overwrites results)")
-    out.mkdir(parents=True)
     session = session or uuid.uuid4().hex[:12]
-    client = _client(docker or configs[0].docker_command)
-    created = []
+    client = _client(docker or configs[0].docker_command, docker_host)
+    out.mkdir(parents=True)
+    created: list[Container] = []
     try:
         for cfg in configs:
             _artifacts(cfg, out)
@@ -102,11 +158,9 @@ def run_duets(
                     "io.easylaunch.duet.benchmark": duet.name,
                     "io.easylaunch.duet.suite": cfg.suite,
                 }
-                ca = client.containers.run(duet.a.image, KEEPALIVE, detach=True, labels={**labels, "side": "A"},
-                                           name=f"duet-{session}-{duet.name}-A")  # fmt: skip
+                ca = _start(client, duet.a.image, f"duet-{session}-{duet.name}-A", {**labels, "side": "A"})
                 created.append(ca)
-                cb = client.containers.run(duet.b.image, KEEPALIVE, detach=True, labels={**labels, "side": "B"},
-                                           name=f"duet-{session}-{duet.name}-B")  # fmt: skip
+                cb = _start(client, duet.b.image, f"duet-{session}-{duet.name}-B", {**labels, "side": "B"})
                 created.append(cb)
                 sides = {"A": (ca, duet.a), "B": (cb, duet.b)}
                 for runid in range(duet.duet_repetitions):
@@ -135,9 +189,11 @@ def run_duets(
     finally:
         _remove(created)
         try:  # anything labelled with this session (e.g. created just before a Ctrl-C)
-            _remove(client.containers.list(all=True, filters={"label": f"{LABEL}={session}"}))
-        finally:
-            client.close()
+            labelled = client.containers([f"{LABEL}={session}"])
+        except (OSError, EngineError) as exc:
+            labelled = []
+            log.warning("could not list the containers of duet session %s: %s", session, exc)
+        _remove(Container(client, c["Id"], (c.get("Names") or [c["Id"]])[0].lstrip("/")) for c in labelled)
     return out
 
 
@@ -157,7 +213,6 @@ def _collect(cfg, duet, sides: dict, results: dict, runid: int, kind: str, order
 def _remove(containers) -> None:
     for c in containers:
         try:
-            c.remove(force=True)
-        except Exception as exc:  # already gone
-            if "No such" not in str(exc) and "404" not in str(exc):
-                log.warning("could not remove container %s: %s", getattr(c, "name", c), exc)
+            c.remove()  # forced; a container already gone is fine
+        except Exception as exc:
+            log.warning("could not remove container %s: %s", c.name, exc)
