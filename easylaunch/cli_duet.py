@@ -2,7 +2,8 @@
 
 Three forms share the word ``duet``; the first word after it picks one::
 
-    easylaunch duet CONFIG.yml... --outdir DIR [--docker docker|podman] [--mode M]
+    easylaunch duet CONFIG.yml... --outdir DIR [--docker docker|podman] [--mode M [-O KEY=VALUE]...]
+                    [--docker-host unix:///PATH]
     easylaunch duet process -c CONFIG DIR -o out.csv [--json]
     easylaunch duet analyze out.csv [-o report.png] [--min-overlap 0.4]
 """
@@ -10,12 +11,14 @@ Three forms share the word ``duet``; the first word after it picks one::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-USAGE = """easylaunch duet CONFIG.yml... --outdir DIR [--docker docker|podman] [--mode M]
+USAGE = """easylaunch duet CONFIG.yml... --outdir DIR [--docker docker|podman] [--mode M [-O KEY=VALUE]...]
+                       [--docker-host unix:///PATH]
        easylaunch duet process -c CONFIG [-c CONFIG...] DIR -o out.csv [--json]
        easylaunch duet analyze out.csv [-o report.png] [--min-overlap 0.4] [--seed N]"""
 DESCRIPTION = (
@@ -38,6 +41,19 @@ def _run_parser() -> argparse.ArgumentParser:
         "--mode", default="local", help="easylaunch mode that runs the duet as a job (default local)"
     )
     p.add_argument("--exp-name", default="duet", help="experiment name of the job (default duet)")
+    p.add_argument(
+        "--docker-host",
+        metavar="unix:///PATH",
+        help="the engine's socket on the machine that runs the duet (default: $DOCKER_HOST for the "
+        "local modes, else the engine's usual socket there)",
+    )
+    p.add_argument(
+        "-O",
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of --mode (e.g. -O ssh_host=lab)",
+    )
     return p
 
 
@@ -70,43 +86,54 @@ LOCAL_MODES = ("local", "local_pool", "here")
 
 def duet_job(doodad_config: Any, variant: dict) -> str:
     """The job easylaunch runs, on the target: writes the configs it carries (by value: the
-    launching machine's paths do not exist there), runs every duet into its run directory's
-    ``duet-results`` and returns that directory's name."""
+    launching machine's paths do not exist there; parsed there too, so the target needs no YAML
+    library), runs every duet into its run directory's ``duet-results`` and returns that
+    directory's name."""
     from .duet.bench import run_duets
-    from .duet.config import load_configs
+    from .duet.config import parse_config
 
     run_dir = Path(doodad_config.base_log_dir)
-    if variant.get("docker_host"):
-        os.environ["DOCKER_HOST"] = variant["docker_host"]
-    configs = run_dir / CONFIGS_IN_RUN
-    configs.mkdir(exist_ok=True)
-    paths = []
-    for name, text in variant["configs"]:
-        paths.append(configs / name)
-        paths[-1].write_text(text)
-    run_duets(load_configs(paths), run_dir / RESULTS_IN_RUN, docker=variant.get("docker"))
+    configs_dir = run_dir / CONFIGS_IN_RUN
+    configs_dir.mkdir(exist_ok=True)
+    configs = []
+    for name, text, data in variant["configs"]:
+        path = configs_dir / name
+        path.write_text(text)
+        configs.append(parse_config(data, path))
+    run_duets(
+        configs,
+        run_dir / RESULTS_IN_RUN,
+        docker=variant.get("docker"),
+        docker_host=variant.get("docker_host"),
+    )
     return RESULTS_IN_RUN
 
 
-def _config_texts(paths: Sequence[str]) -> list:
-    """``[(file name, text)]`` of the configs, names made unique (``2-name`` for a repeat)."""
+def _carried(paths: Sequence[str]) -> list:
+    """``[(file name, text, data)]`` of the configs, names made unique (``2-name`` for a
+    repeat); ``data`` is the YAML as JSON values (a YAML date becomes its text)."""
+    from .duet.config import read_config
+
     out, seen = [], set()
     for i, p in enumerate(paths):
         name = Path(p).name
         if name in seen:
             name = f"{i}-{name}"
         seen.add(name)
-        out.append((name, Path(p).read_text()))
+        data = json.loads(json.dumps(read_config(Path(p)), default=str))
+        out.append((name, Path(p).read_text(), data))
     return out
 
 
 def cmd_run(argv: Sequence[str]) -> int:
     args = _run_parser().parse_args(argv)
+    from .cli_launch import parse_options
     from .duet.config import DuetConfigError, load_configs
 
     try:
         load_configs(args.configs)  # every error before anything runs
-    except DuetConfigError as exc:
+        options = parse_options(args.option)
+    except (DuetConfigError, ValueError) as exc:
         print(f"easylaunch duet: {exc}", file=sys.stderr)
         return 2
     outdir = Path(args.outdir).resolve()
@@ -119,12 +146,13 @@ def cmd_run(argv: Sequence[str]) -> int:
     from .api import run_experiment
 
     variant = {
-        "configs": _config_texts(args.configs),
+        "configs": _carried(args.configs),
         "docker": args.docker,
         # this machine's engine socket means nothing on another host
-        "docker_host": os.environ.get("DOCKER_HOST") if args.mode in LOCAL_MODES else None,
+        "docker_host": args.docker_host
+        or (os.environ.get("DOCKER_HOST") if args.mode in LOCAL_MODES else None),
     }
-    job = run_experiment(duet_job, mode=args.mode, exp_name=args.exp_name, variant=variant)
+    job = run_experiment(duet_job, mode=args.mode, exp_name=args.exp_name, variant=variant, **options)
     try:
         job.result()
     except Exception as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 #: options with flags of their own (the rest go through -O KEY=VALUE)
 _FLAGS = ("timeout", "monitor", "gpus", "gpu_policy")
@@ -57,13 +57,20 @@ def parse_grid(items: List[str]) -> Dict[str, List[Any]]:
     return grid
 
 
-def _options(args: argparse.Namespace) -> Dict[str, Any]:
+def parse_options(items: Optional[List[str]]) -> Dict[str, Any]:
+    """``['ssh_host=lab', 'max_parallel=4']`` (the ``-O`` flags) -> ``{'ssh_host': 'lab',
+    'max_parallel': 4}``; ValueError naming the item when it is not ``KEY=VALUE``."""
     options: Dict[str, Any] = {}
-    for item in args.option or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"-O {item!r} must be KEY=VALUE (e.g. -O slurm_config_name=cpu)")
         options[key.strip()] = parse_value(value)
+    return options
+
+
+def _options(args: argparse.Namespace) -> Dict[str, Any]:
+    options = parse_options(args.option)
     for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:

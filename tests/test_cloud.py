@@ -638,6 +638,28 @@ def test_docker_image_on_the_instance_runs_through_dockerd(aws):
 # -- secrets ----------------------------------------------------------------------------------
 
 
+def test_a_duet_runs_as_a_job_on_an_instance(aws, tmp_path):
+    # the duet as a job on ec2: the played instance (a process here, its Docker daemon this
+    # machine's) runs it with the shipped easylaunch only, and the results come back from the bucket
+    import uuid
+
+    from conftest import require_service
+    from test_duet import README_CONFIG, cli, write
+
+    require_service("docker")
+    suite = f"ec2{uuid.uuid4().hex[:6]}"
+    images = {"busybox": os.environ["EASYLAUNCH_TEST_DOCKER_IMAGE_NOPYTHON"],
+              "python": os.environ["EASYLAUNCH_TEST_DOCKER_IMAGE"]}  # fmt: skip
+    path = write(tmp_path, README_CONFIG.format(suite=suite, engine="docker", **images))
+    out = tmp_path / "out"
+    proc = cli(str(path), "--outdir", str(out), "--mode", "ec2", "-O", "sync_interval=1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert len(names) == 3 * 2 + 2 and all(n.startswith(f"{suite}.a-benchmark.") for n in names), names
+    assert "MemTotal" in (out / "artifacts" / "meminfo").read_text()
+    wait_for(lambda: aws.live_instances("duet") == [], 60, "the instance to terminate itself")
+
+
 def test_no_credential_in_any_script_manifest_log_tag_or_object(aws, log_dir):
     planted = aws.call("/planted", "GET")
     sweep = easylaunch.run_sweep(

@@ -767,6 +767,53 @@ def test_remote_python_of_another_minor(remote, code, log_dir, tmp_path, monkeyp
 # -- Docker on the host -----------------------------------------------------------------------------
 
 
+def test_a_duet_runs_as_a_job_on_the_host_that_has_no_docker_sdk_nor_yaml(remote, code, log_dir, tmp_path):
+    # the duet is a job on any mode that can run Docker: on this host it talks to the daemon's
+    # socket with easylaunch's own client and gets its configs parsed (the host has neither the
+    # Docker SDK nor a YAML library); results and artifacts come back and land in --outdir
+    import uuid
+
+    from test_duet import README_CONFIG, cli, write
+
+    from easylaunch.job import Job
+
+    require_service("docker")
+    if not E("EASYLAUNCH_TEST_SSH_DOCKER"):
+        pytest.fail("sshd.sh relays dockerd's socket into the host when docker.sh runs: it did not")
+    missing = remote.sh('for m in docker yaml; do python3 -c "import $m" 2>/dev/null || echo $m; done')
+    assert missing.split() == ["docker", "yaml"], missing
+    suite = f"ssh{uuid.uuid4().hex[:6]}"
+    images = {
+        "busybox": E("EASYLAUNCH_TEST_DOCKER_IMAGE_NOPYTHON"),
+        "python": E("EASYLAUNCH_TEST_DOCKER_IMAGE"),
+    }
+    path = write(tmp_path, README_CONFIG.format(suite=suite, engine="docker", **images))
+    out = tmp_path / "out"
+    proc = cli(
+        str(path),
+        "--outdir",
+        str(out),
+        "--mode",
+        "ssh",
+        "--docker-host",
+        E("EASYLAUNCH_TEST_SSH_DOCKER_HOST"),
+        "-O",
+        "ssh_host=test",
+        "-O",
+        f"code_dirs_to_mount={[str(code)]!r}",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = Path(proc.stdout.rsplit("run directory ", 1)[1].strip())
+    assert run_dir.is_relative_to(log_dir)
+    job = Job.load(run_dir)
+    assert job.manifest["mode"] == "ssh" and job.state == State.COMPLETED
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert len(names) == 3 * 2 + 2, names
+    assert all(n.startswith(f"{suite}.a-benchmark.") for n in names), names
+    assert "Linux" in (out / "artifacts" / "uname").read_text()  # the host's artifacts
+    assert "MemTotal" in (out / "artifacts" / "meminfo").read_text()
+
+
 def test_docker_image_runs_inside_docker_on_the_host(remote, code, log_dir, monkeypatch):
     require_service("docker")
     if not E("EASYLAUNCH_TEST_SSH_DOCKER"):

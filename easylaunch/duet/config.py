@@ -193,19 +193,19 @@ def load_configs(paths: Sequence[str | Path]) -> list[DuetConfig]:
 
     configs = load_configs(["renaissance.duet.yml"])
     """
+    return [parse_config(read_config(Path(p)), Path(p)) for p in paths]
+
+
+def read_config(path: Path) -> Any:
+    """The YAML of a config file, as plain data (what :func:`parse_config` takes)."""
     import yaml
 
-    out = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise DuetConfigError(f"{path}: no such config file; give the path of a duet YAML file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise DuetConfigError(f"{path}: not valid YAML ({exc}); fix the syntax") from None
-        out.append(parse_config(data, path))
-    return out
+    if not path.is_file():
+        raise DuetConfigError(f"{path}: no such config file; give the path of a duet YAML file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DuetConfigError(f"{path}: not valid YAML ({exc}); fix the syntax") from None
 
 
 def result_name(suite: str, benchmark: str, runid: int, kind: str, order: str, side: str, file: str) -> str:
