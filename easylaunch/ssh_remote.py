@@ -158,6 +158,8 @@ class DockerSocket:
         old, self.timeout = self.timeout, max(self.timeout, 1800)
         try:
             raw = self.call("POST", "/images/create?fromImage=%s" % quote(image, safe=""), raw=True)
+        except EngineError as exc:
+            raise EngineError(exc.status, "pulling %s: %s" % (image, exc.message)) from None
         finally:
             self.timeout = old
         for line in raw.decode(errors="replace").splitlines():

@@ -403,6 +403,19 @@ def test_failing_benchmark_removes_containers(tmp_path, engine):
     assert left(engine, suite) == []
 
 
+def test_a_missing_image_is_named_and_nothing_is_left(tmp_path, engine):
+    suite = f"noimg{uuid.uuid4().hex[:6]}"
+    text = README_CONFIG.format(suite=suite, engine=engine, **images(engine))
+    path = write(tmp_path, text.replace("image: " + images(engine)["python"], "image: local/no-such-image:1"))
+    out = tmp_path / "out"
+    proc = cli(str(path), "--outdir", str(out), env={"DOCKER_HOST": os.environ[ENGINE_HOSTS[engine]]})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the run's own traceback (its stderr)
+    assert last.startswith("easylaunch duet: the duet failed: ") and "could not be pulled" in last, last
+    assert "image 'local/no-such-image:1' is not on the engine at unix://" in last, last
+    assert left(engine, suite) == []  # A's container, started first, is removed too
+
+
 def test_ctrl_c_removes_containers(tmp_path, engine):
     suite = f"intr{uuid.uuid4().hex[:6]}"
     text = README_CONFIG.format(suite=suite, engine=engine, **images(engine)).replace(

@@ -77,7 +77,10 @@ def _start(engine: DockerSocket, image: str, name: str, labels: dict) -> Contain
     try:
         engine.pull(image)
     except EngineError as exc:
-        raise DuetRunError(f"image {image!r}: {exc.message}") from None
+        raise DuetRunError(
+            f"image {image!r} is not on the engine at {engine.url} and could not be pulled ({exc.message}); "
+            "build or pull it there, or name another image in the config"
+        ) from None
     body = {"Image": image, "Cmd": KEEPALIVE, "Entrypoint": [], "Labels": labels}
     container = Container(engine, engine.create(body, name), name)
     try:
