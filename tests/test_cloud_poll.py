@@ -211,3 +211,29 @@ def test_a_poll_that_fetched_outputs_does_not_hold_the_next_one_back(tmp_path, m
     assert transitions.current(job.run_dir) == State.COMPLETED
     assert (job.run_dir / "out.bin").read_bytes() == b"x" * 1000
     assert elapsed < 2.5, f"{elapsed:.1f} s (20x the poll's CPU time would be >= 4 s)"
+
+
+def test_a_going_instance_without_a_notice_is_judged_once_it_has_ended(tmp_path):
+    """GCE says STOPPING from a preemption on, before the agent (polling its metadata every
+    second) has recorded the notice: the run is not FAILED meanwhile, and becomes PREEMPTED by
+    the record that follows; an instance that ends without one fails then."""
+    sky = FakeCloud()
+    sky.instances.update({"i-1": ("z1", "STOPPING"), "i-2": ("z1", "STOPPING")})
+    sky.objects[f"{BATCH_KEY}/instance-0.state.json"] = json.dumps({"last_sync": 1.0e9}).encode()
+    sky.objects[f"{BATCH_KEY}/instance-1.state.json"] = json.dumps({"last_sync": 1.0e9}).encode()
+    preempted, killed = run(tmp_path, "run-0", "i-1", 0), run(tmp_path, "run-1", "i-2", 1)
+    for stub in (preempted, killed):  # a PREEMPTED run is looked at for recovery (none asked)
+        records.atomic_write_json(stub.run_dir / "manifest.json", {"mode": "fakecloud", **stub.manifest})
+    mode = make_mode(sky)
+    mode.poll([preempted, killed])
+    assert [transitions.current(j.run_dir) for j in (preempted, killed)] == [State.RUNNING] * 2
+    # the agent's record of the notice, then the run's PREEMPTED after its final sync
+    sky.objects[f"{BATCH_KEY}/instance-0.state.json"] = json.dumps(
+        {"last_sync": 1.0e9, "notice": 2.0e9}
+    ).encode()
+    sky.status("run-0", State.PREEMPTED)
+    sky.instances["i-2"] = ("z1", "TERMINATED")
+    mode.poll([preempted, killed])
+    assert transitions.current(preempted.run_dir) == State.PREEMPTED
+    assert transitions.current(killed.run_dir) == State.FAILED
+    assert "ended as TERMINATED" in records.read_status(killed.run_dir)["message"]

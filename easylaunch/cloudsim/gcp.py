@@ -656,6 +656,7 @@ class GcpSim(Sim):
             key, inst = self._find(name)
             inst["_preempted"] = True
             inst["_gone_at"] = time.time() + window
+            inst["status"] = "STOPPING"  # as GCE: stopping from the preemption on, for the window
             player = self.players.get(inst.get("_ident", ""))
             attrs = {i["key"]: i.get("value", "") for i in (inst.get("metadata") or {}).get("items") or []}
             if player is not None and attrs.get("shutdown-script"):

@@ -651,6 +651,10 @@ class CloudMode(Mode):
                         out[job.run_dir] = _reclaimed(job.run_dir, ident, inst_state)
                         recover.append(job)
                     else:
+                        if states.get(ident, "missing") not in ENDED:
+                            # going (GCE's STOPPING at a preemption, before its agent has
+                            # recorded the notice; a shutdown script syncing): judged once ended
+                            continue
                         failed = inst_state.get("error")  # its agent's last word (cloud_agent._give_up)
                         why = f"its agent failed: {failed}" if failed else ""
                         if state_key(batch_key, backend["instance"]) not in listing:
