@@ -169,6 +169,17 @@ def test_existing_outdir_refused(tmp_path):
     assert proc.returncode == 2 and "exists" in proc.stderr
 
 
+def test_no_engine_at_the_socket_is_named_before_anything_is_made(tmp_path):
+    path = write(tmp_path, README_CONFIG.format(suite="s", engine="docker", busybox="b", python="p"))
+    for host, says in (
+        (f"unix://{tmp_path}/no.sock", f"no docker engine answers at unix://{tmp_path}/no.sock"),
+        ("tcp://127.0.0.1:2375", "talks to docker through a unix socket; give --docker-host"),
+    ):
+        proc = cli(str(path), "--outdir", str(tmp_path / "out"), "--docker-host", host, timeout=60)
+        assert proc.returncode == 1 and says in proc.stderr.strip().splitlines()[-1], proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
 def test_help_shows_all_three_forms():
     proc = cli("--help", timeout=60)
     assert proc.returncode == 0
