@@ -23,7 +23,7 @@ USAGE = """easylaunch duet CONFIG.yml... --outdir DIR [--docker docker|podman] [
        easylaunch duet analyze out.csv [-o report.png] [--min-overlap 0.4] [--seed N]"""
 DESCRIPTION = (
     "A/B duet benchmarking (Asynchronous Duet): A and B run at once in two containers; the analysis pairs "
-    "iterations that overlapped and gives a 95%% BCa bootstrap CI of mean(B - A). "
+    "iterations that overlapped and gives a 95% BCa bootstrap CI of mean(B - A). "
     "`easylaunch duet process --help` and `easylaunch duet analyze --help` describe the other two forms."
 )
 

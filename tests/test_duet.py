@@ -184,6 +184,7 @@ def test_help_shows_all_three_forms():
     proc = cli("--help", timeout=60)
     assert proc.returncode == 0
     assert "--outdir" in proc.stdout and "duet process" in proc.stdout and "duet analyze" in proc.stdout
+    assert "95% BCa" in proc.stdout and "%%" not in proc.stdout  # a description is not %-formatted
     assert "--min-overlap" in cli("analyze", "--help", timeout=60).stdout
 
 
