@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -86,7 +87,9 @@ def _command(args: argparse.Namespace) -> Any:
         argv = argv[1:]
     if not argv:
         raise ValueError(f"easylaunch {args.command}: give the command after '--' (e.g. -- python train.py)")
-    return Command(argv, args_style=args.args_style)
+    # it runs where it was typed (`python train.py` finds train.py): here, that directory; on
+    # a target that lacks it, the shipped code's copy of it (the launch directory is a code dir)
+    return Command(argv, args_style=args.args_style, cwd=os.getcwd())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

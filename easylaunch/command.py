@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 #: how many lines of the command's stderr a failure's message quotes
@@ -110,8 +111,10 @@ class Command:
     ``argv``: a list (executed directly) or a string (run by ``/bin/sh -c``, rendered values
     quoted for it). ``args``: fixed options rendered like the variant (a dict, the variant's
     keys win) or extra arguments as a list, placed before the variant's. ``cwd``: the working
-    directory (default: the run directory). ``env``: variables added to the runner's
-    environment. ``args_style``: ``"equals"`` (``--k=v``) or ``"space"`` (``--k v``).
+    directory (default: the run directory); a directory of the launching machine inside a code
+    dir maps to the shipped code's copy on a target where it does not exist (see
+    :meth:`workdir`). ``env``: variables added to the runner's environment (plus
+    ``EASYLAUNCH_RUN_DIR``, the run directory: outputs written there come back). ``args_style``: ``"equals"`` (``--k=v``) or ``"space"`` (``--k v``).
     """
 
     def __init__(
@@ -188,10 +191,37 @@ class Command:
             return " ".join([self.argv] + [shlex.quote(a) for a in rendered])
         return list(self.argv) + rendered
 
+    def workdir(self, run_dir: Optional[str]) -> Optional[str]:
+        """Where the command runs on this machine: ``cwd`` when it is here, else the shipped
+        code's copy of it (``cwd`` on the launching machine, inside a code dir), else the run
+        directory when no ``cwd`` was given. FileNotFoundError naming the fix otherwise."""
+        if self.cwd is None:
+            return run_dir
+        if os.path.isdir(self.cwd):
+            return self.cwd
+        from .runner import PAYLOAD_ENV
+
+        payload_path = os.environ.get(PAYLOAD_ENV)
+        if payload_path:
+            from . import payload, snapshot
+
+            info = payload.read_header(payload_path).get("snapshot")
+            copy = snapshot.copy_of(info, Path(payload_path), self.cwd, directory=True) if info else None
+            if copy:
+                return copy
+        raise FileNotFoundError(
+            f"Command(cwd={self.cwd!r}): no such directory on this machine, and it is not inside "
+            "the code shipped here; give a directory of the target, or launch from inside a "
+            "code dir (code_dirs_to_mount)"
+        )
+
     def __call__(self, doodad_config: Any, variant: Optional[Mapping[str, Any]]) -> int:
         line = self.command_line(variant)
-        cwd = self.cwd or getattr(doodad_config, "base_log_dir", None) or None
+        run_dir = getattr(doodad_config, "base_log_dir", None) or None
+        cwd = self.workdir(run_dir)
         env = dict(os.environ)
+        if run_dir:
+            env["EASYLAUNCH_RUN_DIR"] = str(run_dir)  # outputs written there come back
         env.update(self.env or {})
         gpu = getattr(doodad_config, "gpu_id", None)
         if (

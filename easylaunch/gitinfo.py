@@ -21,12 +21,30 @@ from .spec import GitInfo
 
 
 def launch_script_dir() -> Optional[str]:
-    """Directory of the launch script (``sys.argv[0]``), or None in an interactive session."""
+    """Directory of the launch script (``sys.argv[0]``), or None in an interactive session.
+    Launched by easylaunch's own command line (``easylaunch run -- python train.py``), the
+    current directory: the user's project, not where the ``easylaunch`` script is installed."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv and sys.argv[0] else None)
     if not path or path in ("-c", "-m"):
         return None
+    if _is_easylaunch_cli(main, path):
+        return os.getcwd()
     return str(Path(path).resolve().parent)
+
+
+def _is_easylaunch_cli(main: object, path: str) -> bool:
+    """``python -m easylaunch.cli``, or the installed ``easylaunch`` console script (the small
+    file pip writes: ``from easylaunch.cli import main``)."""
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "") or ""
+    if spec_name.split(".")[0] == "easylaunch":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return len(head) < 4096 and b"\nfrom easylaunch.cli import main\n" in head
 
 
 def repo_root(directory: str) -> Optional[str]:

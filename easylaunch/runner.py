@@ -51,6 +51,8 @@ SIGNAL_STATES = {
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
+#: the environment variable that names the running payload (set for the function and what it starts)
+PAYLOAD_ENV = "EASYLAUNCH_PAYLOAD"
 #: seconds a run gets to stop after a cancel (SIGTERM) or its timeout before it is killed
 DEFAULT_CANCEL_GRACE = 10.0
 #: seconds between two resource samples (option ``monitor``; 0 turns monitoring off)
@@ -692,6 +694,8 @@ def load_payload_file(path: Path, header: Optional[dict] = None) -> tuple[Callab
     for entry in reversed(header.get("sys_path") or []):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    # the run's payload, for what the function starts (a Command finds the code's copy by it)
+    os.environ[PAYLOAD_ENV] = str(Path(path).resolve())
     info = header.get("snapshot")
     if info:
         from . import snapshot

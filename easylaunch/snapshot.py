@@ -1042,15 +1042,18 @@ def import_paths(info: dict, payload_path: Path) -> List[str]:
     return paths
 
 
-def copy_of(info: dict, payload_path: Path, file: str) -> Optional[str]:
+def copy_of(info: dict, payload_path: Path, file: str, directory: bool = False) -> Optional[str]:
     """The snapshot's copy of ``file`` (a path on the launching machine inside one of its code
-    dirs), unpacked if need be; None when the file is not in the snapshot or it is not here::
+    dirs; with ``directory``, a directory, the code dir itself included), unpacked if need be;
+    None when it is not in the snapshot or it is not here::
 
         copy_of(header["snapshot"], payload, "/home/me/proj/launch.py")
         # -> "~/.cache/easylaunch/snapshots/3f2a.../code/proj/launch.py"
     """
     for r in info.get("roots") or []:
         source = str(r.get("source") or "").rstrip(os.sep)
+        if directory and source and file.rstrip(os.sep) == source:
+            file = source + os.sep + "."
         if not source or not file.startswith(source + os.sep):
             continue
         try:
@@ -1060,8 +1063,9 @@ def copy_of(info: dict, payload_path: Path, file: str) -> Optional[str]:
             return None
         rel = file[len(source) + 1 :]
         path = top.joinpath(*str(r.get("path") or f"{CODE_DIR}/{r['name']}").split("/"), *rel.split(os.sep))
-        if os.path.normpath(path).startswith(os.path.normpath(top) + os.sep) and path.is_file():
-            return str(path)
+        inside = os.path.normpath(path).startswith(os.path.normpath(top) + os.sep)
+        if inside and (path.is_dir() if directory else path.is_file()):
+            return os.path.normpath(path)
         return None
     return None
 

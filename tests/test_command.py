@@ -137,11 +137,42 @@ def test_missing_program_is_failed_127(log_dir):
     assert job.status["exit_code"] == 127 and "could not start" in job.status["message"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "easylaunch.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "easylaunch.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd
     )
+
+
+TRAIN_PY = """import os, sys
+print(os.getcwd())
+with open(os.path.join(os.environ["EASYLAUNCH_RUN_DIR"], "out.txt"), "w") as f:
+    f.write(" ".join(sys.argv[1:]))
+"""
+
+
+def test_cli_command_runs_where_it_was_typed(log_dir, tmp_path):
+    # `easylaunch run -- python train.py` from a project directory finds train.py (the README's
+    # first example; it used to run in the run directory and not find it), and what it writes to
+    # $EASYLAUNCH_RUN_DIR lands in its run directory
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text(TRAIN_PY)
+    proc = cli("run", "--mode", "local_pool", "--name", "typed", "--", sys.executable, "train.py", "--epochs=3",
+               cwd=project)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(proc.stdout.strip().splitlines()[0])
+    assert (run_dir / "stdout.log").read_text().strip() == str(project)
+    assert (run_dir / "out.txt").read_text() == "--epochs=3"
+    # the code dir is the project, not where the easylaunch script lives
+    assert f"no git info recorded for: {project}" in proc.stderr, proc.stderr
+
+
+def test_a_command_cwd_that_is_nowhere_is_named(log_dir, tmp_path):
+    job = run_experiment(Command(["true"], cwd=str(tmp_path / "gone")), exp_name="nowhere", mode="local")
+    assert job.state == State.FAILED
+    message = job.status["message"]
+    assert f"Command(cwd='{tmp_path / 'gone'}'): no such directory on this machine" in message, message
+    assert "code_dirs_to_mount" in message
 
 
 def test_cli_run_exits_with_the_commands_code(log_dir):

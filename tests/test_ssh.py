@@ -767,6 +767,25 @@ def test_remote_python_of_another_minor(remote, code, log_dir, tmp_path, monkeyp
 # -- Docker on the host -----------------------------------------------------------------------------
 
 
+def test_a_command_typed_in_a_project_runs_in_its_shipped_copy_on_the_host(remote, code, log_dir):
+    # `easylaunch run --mode ssh -- python3 train.py` from the project directory: the project is
+    # the code dir (not where the easylaunch script lives), and on the host the command runs in
+    # the shipped copy of it; what it writes to $EASYLAUNCH_RUN_DIR comes back
+    from test_command import TRAIN_PY
+
+    (code / "train.py").write_text(TRAIN_PY)
+    proc = subprocess.run(
+        [sys.executable, "-m", "easylaunch.cli", "run", "--mode", "ssh", "-O", "ssh_host=test", "--name", "typed",
+         "--", "python3", "train.py", "--epochs=3"],
+        cwd=code, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = Path(proc.stdout.strip().splitlines()[0])
+    ran_in = (run_dir / "stdout.log").read_text().strip()
+    assert ran_in != str(code) and ran_in.endswith("/code") and remote.exists(f"{ran_in}/train.py"), ran_in
+    assert (run_dir / "out.txt").read_text() == "--epochs=3"
+
+
 def test_a_duet_runs_as_a_job_on_the_host_that_has_no_docker_sdk_nor_yaml(remote, code, log_dir, tmp_path):
     # the duet is a job on any mode that can run Docker: on this host it talks to the daemon's
     # socket with easylaunch's own client and gets its configs parsed (the host has neither the
