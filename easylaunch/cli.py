@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -401,6 +402,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"easylaunch: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        # easylaunch's own errors (a backend refused, a job failed) say what went wrong and
+        # the fix: their message, not a traceback; anything else is a bug and keeps its traceback
+        if not type(exc).__module__.startswith("easylaunch.") or os.environ.get("EASYLAUNCH_DEBUG"):
+            raise
+        print(f"easylaunch: {exc}\n(EASYLAUNCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -203,6 +203,32 @@ def test_sbatch_rejection_is_verbatim_and_leaves_nothing(replay, launch, tmp_pat
     assert replay.calls("scancel") == []
 
 
+def test_the_cli_says_a_refusal_without_a_traceback(replay, tmp_path, monkeypatch, capsys):
+    # easylaunch's own errors (SubmitError here) reach the command line as their message; an
+    # error that is not easylaunch's keeps its traceback
+    from easylaunch import cli
+
+    replay.answers["sbatch"] = (1, "", recorded("sbatch_invalid_partition.err"))
+    config = tmp_path / "config.py"
+    config.write_text('SLURM_CONFIGS = {"cpu": {"partition": "nosuch", "time_in_mins": 10}}\n')
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "--grid", "x=1,2", "--mode", "slurm", "--no-progress", "-O", f"config_file={str(config)!r}",
+            "-O", f"base_log_dir={str(tmp_path / 'logs')!r}", "--", "true"]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("easylaunch: sbatch rejected the job (slurm config 'cpu'"), err
+    assert recorded("sbatch_invalid_partition.err").strip() in err and "Traceback" not in err
+    assert "EASYLAUNCH_DEBUG=1 shows the traceback" in err
+    assert not list((tmp_path / "logs").rglob("status.json"))
+    monkeypatch.setenv("EASYLAUNCH_DEBUG", "1")
+    with pytest.raises(SubmitError):
+        cli.main(argv)
+    replay.answers["sbatch"] = lambda argv: (_ for _ in ()).throw(RuntimeError("a bug"))
+    monkeypatch.delenv("EASYLAUNCH_DEBUG")
+    with pytest.raises(RuntimeError, match="a bug"):  # not easylaunch's: the traceback stays
+        cli.main(argv)
+
+
 def test_max_array_size_splits_the_sweep(replay, launch):
     config = re.sub(r"(?m)^(MaxArraySize\s*=\s*)\d+", r"\g<1>3", recorded("scontrol_show_config.out"))
     replay.answers["scontrol"] = config
