@@ -199,6 +199,11 @@ def test_ec2_sweep_packs_runs_and_brings_every_output_back(aws):
         assert tags["easylaunch-batch"] == sweep[0].manifest["batch_id"]
         assert tags["easylaunch-runs"]
         assert inst.get("InstanceLifecycle") == "spot"
+        # a boot that powers off (no python3 on the image) terminates the instance, not stops it
+        attr = aws.ec2.describe_instance_attribute(
+            InstanceId=inst["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
+        )
+        assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate", attr
         played = [p for p in aws.instances() if p["id"] == inst["InstanceId"]][0]
         assert played["role"] == "easylaunch-role"  # its only credentials: the instance profile's
     # every instance ended itself after its final sync
@@ -297,7 +302,8 @@ def test_a_boot_that_cannot_fetch_its_code_ends_its_instance(aws, log_dir, tmp_p
 @pytest.mark.parametrize("terminate", [True, False])
 def test_a_boot_on_an_image_without_python_powers_the_instance_off(aws, log_dir, tmp_path, terminate):
     # an AMI without python3: the agent cannot start, and nothing would sync, report or end the
-    # instance; the boot script powers it off (user data sets shutdown behaviour = terminate). The
+    # instance; the boot script powers it off (launched with shutdown behaviour terminate: checked
+    # in test_ec2_sweep_packs_runs_and_brings_every_output_back). The
     # rendered script runs here with a PATH of bash's tools but no Python, and a shutdown that
     # records its arguments.
     exp = f"ec2-nopython-{terminate}"

@@ -48,15 +48,9 @@ class Container:
         self.engine.remove(self.id)
 
 
-def engine_url(docker: str, docker_host: Optional[str] = None) -> str:
-    """The engine's socket: ``docker_host``, else ``$DOCKER_HOST``, else ``docker``'s usual one."""
-    return (
-        docker_host or os.environ.get("DOCKER_HOST") or ENGINE_SOCKETS.get(docker, ENGINE_SOCKETS["docker"])
-    )
-
-
 def _client(docker: str, docker_host: Optional[str] = None) -> DockerSocket:
-    url = engine_url(docker, docker_host)
+    """The engine at ``docker_host``, else ``$DOCKER_HOST``, else ``docker``'s usual socket."""
+    url = docker_host or os.environ.get("DOCKER_HOST") or ENGINE_SOCKETS.get(docker, ENGINE_SOCKETS["docker"])
     if not url.startswith("unix://"):
         raise DuetRunError(
             f"engine socket {url!r}: easylaunch duet talks to {docker} through a unix socket; give "
